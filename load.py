@@ -1,0 +1,279 @@
+"""Writing to PostgreSQL: bulk COPY of events and rejections, load records, Kafka offsets.
+
+Every unit of work (an S3 object, a consumer batch) writes its events, its rejections and its
+progress record in ONE transaction, so a crash at any instant leaves either all of it or none.
+Events go in with binary COPY: no per-row SQL, and no timestamp ever formatted as text.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import struct
+from contextlib import contextmanager
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+import psycopg2
+import psycopg2.extensions
+from psycopg2 import sql
+
+from settings import DatabaseSettings
+from transform import Exhibition, MasterData
+
+log = logging.getLogger("load")
+
+PG_EPOCH_US = 946_684_800_000_000  # 2000-01-01T00:00:00Z in Unix microseconds
+COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
+COPY_TRAILER = struct.pack(">h", -1)
+
+
+class DatabaseError(RuntimeError):
+    """The database cannot be used (unreachable, refused, schema missing); message is one line."""
+
+
+# --------------------------------------------------------------------------- connections
+def connect(db: DatabaseSettings) -> psycopg2.extensions.connection:
+    """A connection whose session speaks museum time, so views and psql show local times."""
+    try:
+        conn = psycopg2.connect(**db.connect_kwargs(), options="-c timezone=Europe/London")
+    except psycopg2.OperationalError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DatabaseError(f"cannot connect to PostgreSQL at {db.describe()}: {first}") from None
+    return conn
+
+
+@contextmanager
+def transaction(conn) -> Iterator[psycopg2.extensions.cursor]:
+    """Commit on success, roll back on any exception (like sqlite-utils' Database.atomic)."""
+    try:
+        with conn.cursor() as cur:
+            yield cur
+        conn.commit()
+    except BaseException:
+        if not conn.closed:
+            conn.rollback()
+        raise
+
+
+REQUIRED_TABLES = ("exhibition", "rating", "request", "rating_interaction",
+                   "request_interaction", "rejected_event", "event_source", "s3_object_load",
+                   "kafka_offset")
+
+
+def missing_tables(conn) -> list[str]:
+    with conn.cursor() as cur:
+        cur.execute("SELECT table_name FROM information_schema.tables "
+                    "WHERE table_schema = current_schema() AND table_name = ANY(%s)",
+                    (list(REQUIRED_TABLES),))
+        present = {r[0] for r in cur.fetchall()}
+    conn.rollback()
+    return [t for t in REQUIRED_TABLES if t not in present]
+
+
+def apply_schema(conn, schema_sql: str) -> None:
+    with transaction(conn) as cur:
+        cur.execute(schema_sql)
+
+
+# --------------------------------------------------------------------------- master data
+MASTER_SQL = """
+SELECT 'exhibition', site, exhibition_id, exhibition_name FROM exhibition
+UNION ALL SELECT 'rating', rating_value, rating_id, rating_description FROM rating
+UNION ALL SELECT 'request', request_value, request_id, request_description FROM request
+"""
+
+
+def read_master_data(cur) -> MasterData:
+    """The sites, ratings and requests known now: the rules take "known" from here."""
+    cur.execute(MASTER_SQL)
+    exhibitions, ratings, requests, names = {}, {}, {}, {}
+    for kind, value, key, name in cur.fetchall():
+        if kind == "exhibition":
+            exhibitions[value] = key
+            names[value] = name
+        elif kind == "rating":
+            ratings[value] = key
+        else:
+            requests[value] = key
+    return MasterData(exhibitions, ratings, requests, names)
+
+
+UPSERT_DEPARTMENT = """
+INSERT INTO department (department_name) VALUES (%s)
+ON CONFLICT (department_name) DO UPDATE SET department_name = EXCLUDED.department_name
+RETURNING department_id"""
+UPSERT_FLOOR = """
+INSERT INTO floor (floor_name) VALUES (%s)
+ON CONFLICT (floor_name) DO UPDATE SET floor_name = EXCLUDED.floor_name
+RETURNING floor_id"""
+UPSERT_EXHIBITION = """
+INSERT INTO exhibition (exhibition_name, exhibition_description, department_id, floor_id,
+                        exhibition_start_date, public_id, site)
+VALUES (%(name)s, %(description)s, %(department_id)s, %(floor_id)s, %(start_date)s,
+        %(public_id)s, %(site)s)
+ON CONFLICT (public_id) DO UPDATE SET
+    exhibition_name = EXCLUDED.exhibition_name,
+    exhibition_description = EXCLUDED.exhibition_description,
+    department_id = EXCLUDED.department_id,
+    floor_id = EXCLUDED.floor_id,
+    exhibition_start_date = EXCLUDED.exhibition_start_date
+RETURNING (xmax = 0) AS inserted"""
+
+
+def upsert_exhibition(cur, exhibition: Exhibition) -> bool:
+    """Insert or update one exhibition with its department and floor; True when it is new."""
+    cur.execute(UPSERT_DEPARTMENT, (exhibition.department,))
+    department_id = cur.fetchone()[0]
+    cur.execute(UPSERT_FLOOR, (exhibition.floor,))
+    floor_id = cur.fetchone()[0]
+    cur.execute(UPSERT_EXHIBITION, {"name": exhibition.name, "description": exhibition.description,
+                                    "department_id": department_id, "floor_id": floor_id,
+                                    "start_date": exhibition.start_date,
+                                    "public_id": exhibition.public_id, "site": exhibition.site})
+    return bool(cur.fetchone()[0])
+
+
+# --------------------------------------------------------------------------- provenance
+UPSERT_SOURCE = """
+INSERT INTO event_source (kind, uri) VALUES (%s, %s)
+ON CONFLICT (uri) DO UPDATE SET kind = EXCLUDED.kind
+RETURNING source_id"""
+
+
+def source_id(cur, kind: str, uri: str) -> int:
+    cur.execute(UPSERT_SOURCE, (kind, uri))
+    return cur.fetchone()[0]
+
+
+def lock_source(cur, source: int) -> None:
+    """Serialise work on one source across processes until this transaction ends."""
+    cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", (0x4C4D, source))
+
+
+def loaded_etag(cur, source: int) -> tuple[str, bool] | None:
+    cur.execute("SELECT etag, complete FROM s3_object_load WHERE source_id = %s", (source,))
+    row = cur.fetchone()
+    return (row[0], row[1]) if row else None
+
+
+def loaded_objects(cur, uris: list[str]) -> dict[str, tuple[str, bool]]:
+    """ETag and completeness of every object already loaded, for skipping before any lock."""
+    cur.execute("SELECT s.uri, l.etag, l.complete FROM s3_object_load l "
+                "JOIN event_source s USING (source_id) WHERE s.uri = ANY(%s)", (uris,))
+    return {uri: (etag, complete) for uri, etag, complete in cur.fetchall()}
+
+
+def delete_source_rows(cur, source: int) -> int:
+    """Remove what a source produced before, so a changed object replaces its rows."""
+    removed = 0
+    for table in ("rating_interaction", "request_interaction", "rejected_event"):
+        cur.execute(sql.SQL("DELETE FROM {} WHERE source_id = %s").format(sql.Identifier(table)),
+                    (source,))
+        removed += cur.rowcount
+    return removed
+
+
+RECORD_LOAD = """
+INSERT INTO s3_object_load (source_id, etag, complete, events_read, events_stored,
+                            events_rejected, loaded_at)
+VALUES (%s, %s, %s, %s, %s, %s, now())
+ON CONFLICT (source_id) DO UPDATE SET
+    etag = EXCLUDED.etag, complete = EXCLUDED.complete, events_read = EXCLUDED.events_read,
+    events_stored = EXCLUDED.events_stored, events_rejected = EXCLUDED.events_rejected,
+    loaded_at = EXCLUDED.loaded_at"""
+
+
+def record_object_load(cur, source: int, etag: str, complete: bool, read: int, stored: int,
+                       rejected: int) -> None:
+    cur.execute(RECORD_LOAD, (source, etag, complete, read, stored, rejected))
+
+
+# --------------------------------------------------------------------------- COPY
+_INTERACTION_ROW = np.dtype([("fields", ">i2"),
+                             ("l_exh", ">i4"), ("exhibition_id", ">i2"),
+                             ("l_kind", ">i4"), ("kind_id", ">i2"),
+                             ("l_at", ">i4"), ("event_at", ">i8"),
+                             ("l_src", ">i4"), ("source_id", ">i4"),
+                             ("l_pos", ">i4"), ("position", ">i8")])
+
+
+def interaction_copy_bytes(frame: pd.DataFrame, kind_column: str, source: int) -> bytes:
+    """Binary COPY data for rating/request rows: one numpy record per row, no formatting."""
+    rows = np.zeros(len(frame), dtype=_INTERACTION_ROW)
+    rows["fields"] = 5
+    rows["l_exh"], rows["l_kind"], rows["l_at"], rows["l_src"], rows["l_pos"] = 2, 2, 8, 4, 8
+    rows["exhibition_id"] = frame["exhibition_id"].to_numpy()
+    rows["kind_id"] = frame[kind_column].to_numpy()
+    micros = frame["event_at"].dt.as_unit("us").astype("int64").to_numpy()
+    rows["event_at"] = micros - PG_EPOCH_US
+    rows["source_id"] = source
+    rows["position"] = frame["position"].to_numpy()
+    return COPY_HEADER + rows.tobytes() + COPY_TRAILER
+
+
+COPY_RATINGS = ("COPY rating_interaction (exhibition_id, rating_id, event_at, source_id, position)"
+                " FROM STDIN WITH (FORMAT binary)")
+COPY_REQUESTS = ("COPY request_interaction (exhibition_id, request_id, event_at, source_id, "
+                 "position) FROM STDIN WITH (FORMAT binary)")
+COPY_REJECTIONS = ("COPY rejected_event (source, locator, payload, reason, detail, source_id, "
+                   "position) FROM STDIN WITH (FORMAT csv)")
+
+
+def copy_ratings(cur, frame: pd.DataFrame, source: int) -> int:
+    if len(frame):
+        cur.copy_expert(COPY_RATINGS, io.BytesIO(interaction_copy_bytes(frame, "rating_id", source)))
+    return len(frame)
+
+
+def copy_requests(cur, frame: pd.DataFrame, source: int) -> int:
+    if len(frame):
+        cur.copy_expert(COPY_REQUESTS,
+                        io.BytesIO(interaction_copy_bytes(frame, "request_id", source)))
+    return len(frame)
+
+
+def copy_rejections(cur, frame: pd.DataFrame, source_text: str, source: int) -> int:
+    """Rejections are few and carry free text, so CSV (which quotes anything) is the format."""
+    if not len(frame):
+        return 0
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerows(zip([source_text] * len(frame), frame["locator"], frame["payload"],
+                         frame["reason"], frame["detail"], [source] * len(frame),
+                         frame["position"]))
+    buffer.seek(0)
+    cur.copy_expert(COPY_REJECTIONS, buffer)
+    return len(frame)
+
+
+# --------------------------------------------------------------------------- Kafka offsets
+def kafka_source_uri(topic: str, partition: int) -> str:
+    return f"kafka://{topic}/{partition}"
+
+
+def stored_offsets(cur, topic: str, partitions: list[int]) -> dict[int, int]:
+    """Next offset to read per partition, as the database (the truth) records it."""
+    cur.execute("SELECT partition, next_offset FROM kafka_offset "
+                "WHERE topic = %s AND partition = ANY(%s)", (topic, partitions))
+    return dict(cur.fetchall())
+
+
+def lock_offsets(cur, topic: str, partitions: list[int]) -> dict[int, tuple[int, int]]:
+    """Lock (creating if needed) each partition's offset row; partition -> (source_id, next)."""
+    out = {}
+    for partition in sorted(partitions):
+        source = source_id(cur, "kafka", kafka_source_uri(topic, partition))
+        cur.execute("INSERT INTO kafka_offset (source_id, topic, partition, next_offset) "
+                    "VALUES (%s, %s, %s, 0) ON CONFLICT (source_id) DO NOTHING",
+                    (source, topic, partition))
+        cur.execute("SELECT next_offset FROM kafka_offset WHERE source_id = %s FOR UPDATE",
+                    (source,))
+        out[partition] = (source, cur.fetchone()[0])
+    return out
+
+
+def advance_offset(cur, source: int, next_offset: int) -> None:
+    cur.execute("UPDATE kafka_offset SET next_offset = %s, updated_at = now() "
+                "WHERE source_id = %s", (next_offset, source))

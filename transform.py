@@ -1,0 +1,412 @@
+"""SPEC §2's event rules: one implementation, used by the S3 batch and the Kafka consumer alike.
+
+Both sources are first turned into the same shape — a frame of raw `at`, `site`, `val`, `type`
+values and each event's `position` (CSV line number or Kafka offset) — and then validated
+together, vectorised, by `validate_events`. What is "known" (sites, rating and request values)
+comes from the database's master data at the time of processing, passed in as `MasterData`.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import date, datetime, time, timedelta, timezone
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import orjson
+import pandas as pd
+
+LONDON = "Europe/London"
+FIELDS = ("at", "site", "val", "type")
+CSV_HEADER = "at,site,val,type"
+
+# SPEC §2 reason codes, in rule order, and the product's own codes for rows that are not events.
+REASONS = ("malformed_json", "not_an_object", "missing_at", "invalid_at", "outside_opening_hours",
+           "future_event", "missing_site", "unknown_site", "missing_val", "invalid_val",
+           "missing_type", "invalid_type", "unexpected_type")
+OWN_REASONS = ("malformed_row", "bad_header")
+
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+# An offset (Z, +01:00, +0100, -05) after a time of day: such a timestamp is absolute.
+_HAS_OFFSET = r"\d:\d\d(?::\d\d(?:[.,]\d+)?)?\s*(?:[Zz]|[+-]\d\d(?::?\d\d)?)$"
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The configurable part of SPEC §2: opening hours and how far ahead an event may be."""
+
+    opening: time = time(8, 45)
+    closing: time = time(18, 15)
+    future_tolerance: timedelta = timedelta(minutes=5)
+    zone: str = LONDON
+
+
+@dataclass(frozen=True)
+class MasterData:
+    """What the database knows at processing time: value -> surrogate key."""
+
+    exhibitions: dict[int, int]            # site number -> exhibition_id
+    ratings: dict[int, int]                # rating_value -> rating_id
+    requests: dict[int, int]               # request_value -> request_id
+    exhibition_names: dict[int, str] = field(default_factory=dict)  # site -> name
+
+
+@dataclass
+class Outcome:
+    """Valid ratings, valid requests and rejections of one batch; rows partition the input."""
+
+    ratings: pd.DataFrame      # position, exhibition_id, rating_id, event_at (UTC)
+    requests: pd.DataFrame     # position, exhibition_id, request_id, event_at, site, request_value
+    rejections: pd.DataFrame   # position, locator, payload, reason, detail
+
+    @property
+    def count(self) -> int:
+        return len(self.ratings) + len(self.requests) + len(self.rejections)
+
+    def reason_counts(self) -> dict[str, int]:
+        return self.rejections["reason"].value_counts().to_dict() if len(self.rejections) else {}
+
+
+@dataclass
+class ParsedEvents:
+    """Events whose fields could be read, plus the rows that never became events."""
+
+    events: pd.DataFrame       # position, locator, payload, at, site, val, type
+    rejections: pd.DataFrame   # position, locator, payload, reason, detail
+
+
+REJECTION_COLUMNS = ["position", "locator", "payload", "reason", "detail"]
+
+
+def empty_rejections() -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype="int64" if c == "position" else object)
+                         for c in REJECTION_COLUMNS})
+
+
+def payload_text(raw: bytes | None) -> str:
+    """Raw bytes as storable text: invalid UTF-8 escaped, NUL (which PostgreSQL refuses) too."""
+    if raw is None:
+        return ""
+    return raw.decode("utf-8", "backslashreplace").replace("\x00", "\\x00")
+
+
+# --------------------------------------------------------------------------- parsing
+def parse_csv_lines(lines: Sequence[str], first_line_no: int) -> ParsedEvents:
+    """Split kiosk CSV lines (no terminators) into fields; line numbers become positions.
+
+    Blank lines are not events and are dropped. A line that is not four comma-separated fields
+    is an event we cannot read: it is rejected as `malformed_row`, never dropped.
+    """
+    positions, ats, sites, vals, types, raws = [], [], [], [], [], []
+    bad_positions, bad_raws, bad_details = [], [], []
+    line_no = first_line_no - 1
+    for line in lines:
+        line_no += 1
+        if line.endswith("\r"):
+            line = line[:-1]
+        if not line or line.isspace():
+            continue
+        parts = line.split(",")
+        if '"' in line:
+            parts = next(csv.reader([line]))
+        if len(parts) != 4:
+            bad_positions.append(line_no)
+            bad_raws.append(line.replace("\x00", "\\x00"))
+            bad_details.append(f"expected 4 comma-separated fields (at,site,val,type), "
+                               f"found {len(parts)}")
+            continue
+        positions.append(line_no)
+        raws.append(line)
+        at, site, val, typ = parts
+        ats.append(at)
+        sites.append(site)
+        vals.append(val)
+        types.append(typ)
+    events = pd.DataFrame({"position": np.array(positions, dtype="int64"),
+                           "payload": raws, "at": ats, "site": sites, "val": vals,
+                           "type": types})
+    events["locator"] = events["position"].astype(str)
+    rejections = pd.DataFrame({"position": np.array(bad_positions, dtype="int64"),
+                               "locator": [str(p) for p in bad_positions], "payload": bad_raws,
+                               "reason": "malformed_row", "detail": bad_details})
+    return ParsedEvents(events, rejections if len(rejections) else empty_rejections())
+
+
+def _field_value(value: Any) -> Any:
+    """A JSON value as validate_events expects it: text, number or None; anything else is text
+    that no rule accepts (booleans are not integers, objects are not timestamps)."""
+    cls = value.__class__
+    if cls is str or cls is int or cls is float or value is None:
+        return value
+    return json.dumps(value)
+
+
+def _loads(payload: bytes) -> Any:
+    try:
+        return orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        # orjson refuses integers beyond 64 bits that JSON allows; NaN/Infinity stay refused.
+        return json.loads(payload.decode("utf-8"), parse_constant=_refuse_constant)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_messages(payloads: Sequence[bytes | None], partitions: Sequence[int],
+                   offsets: Sequence[int]) -> ParsedEvents:
+    """Kafka payloads to fields: rules 0 (UTF-8 JSON) and 0b (an object) are decided here."""
+    keep_pos, keep_loc, keep_raw, ats, sites, vals, types = [], [], [], [], [], [], []
+    bad = []
+    for payload, partition, offset in zip(payloads, partitions, offsets):
+        locator = f"{partition}:{offset}"
+        try:
+            message = _loads(payload if payload is not None else b"")
+        except (ValueError, UnicodeDecodeError) as exc:
+            bad.append((offset, locator, payload_text(payload), "malformed_json",
+                        f"payload is not UTF-8 JSON: {str(exc)[:200]}"))
+            continue
+        if message.__class__ is not dict:
+            bad.append((offset, locator, payload_text(payload), "not_an_object",
+                        f"payload is JSON {type(message).__name__}, not an object"))
+            continue
+        keep_pos.append(offset)
+        keep_loc.append(locator)
+        keep_raw.append(payload)
+        get = message.get
+        ats.append(_field_value(get("at")))
+        sites.append(_field_value(get("site")))
+        vals.append(_field_value(get("val")))
+        types.append(_field_value(get("type")))
+    events = pd.DataFrame({"position": np.array(keep_pos, dtype="int64"), "locator": keep_loc,
+                           "payload": keep_raw,
+                           "at": pd.Series(ats, dtype=object), "site": pd.Series(sites, dtype=object),
+                           "val": pd.Series(vals, dtype=object), "type": pd.Series(types, dtype=object)})
+    rejections = (pd.DataFrame(bad, columns=REJECTION_COLUMNS) if bad else empty_rejections())
+    rejections["position"] = rejections["position"].astype("int64")
+    return ParsedEvents(events, rejections)
+
+
+# --------------------------------------------------------------------------- rules
+def _integer(value: Any) -> tuple[bool, float]:
+    """(missing, integer value or NaN) for one raw value, per SPEC §2's "an integer value"."""
+    if value is None:
+        return True, np.nan
+    if value.__class__ is str:
+        text = value.strip()
+        if not text:
+            return True, np.nan
+        if not _NUMBER.fullmatch(text):
+            return False, np.nan
+        number = float(text)
+    elif value.__class__ in (int, float):
+        number = float(value)
+    else:
+        return False, np.nan
+    if not np.isfinite(number) or number != int(number):
+        return False, np.nan
+    return False, number
+
+
+def _integers(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Vectorised `_integer`: parse each distinct raw value once (kiosk columns have a handful)."""
+    codes, uniques = pd.factorize(column, use_na_sentinel=True)
+    parsed = [_integer(v) for v in uniques]
+    missing_u = np.array([m for m, _ in parsed] + [True], dtype=bool)
+    value_u = np.array([v for _, v in parsed] + [np.nan], dtype="float64")
+    # code -1 (None/NaN) indexes the appended "missing" entry
+    return missing_u[codes], value_u[codes]
+
+
+def _is_missing_text(column: pd.Series) -> np.ndarray:
+    values = column.to_numpy(dtype=object)
+    missing = pd.isna(values)
+    text = ~missing & np.array([v.__class__ is str for v in values], dtype=bool) \
+        if values.size else np.zeros(0, dtype=bool)
+    blank = np.zeros(values.size, dtype=bool)
+    if text.any():
+        blank[text] = pd.Series(values[text]).str.strip().eq("").to_numpy()
+    return missing | blank
+
+
+def _timestamps(column: pd.Series, missing: np.ndarray, zone: str) -> tuple[np.ndarray, np.ndarray]:
+    """UTC nanoseconds and local time-of-day nanoseconds; NaT (min int64) where unparseable.
+
+    A timestamp with no offset is museum local time; one that does not exist there (the hour
+    skipped when clocks go forward) is unparseable. An ambiguous one (clocks going back) is
+    taken as the first occurrence.
+    """
+    n = len(column)
+    utc = np.full(n, np.iinfo("int64").min, dtype="int64")
+    local_tod = np.full(n, -1, dtype="int64")
+    values = column.to_numpy(dtype=object)
+    is_text = np.array([v.__class__ is str for v in values], dtype=bool) & ~missing \
+        if n else np.zeros(0, dtype=bool)
+    if not is_text.any():
+        return utc, local_tod
+    text = pd.Series(values[is_text], dtype=object).str.strip()
+    aware = text.str.contains(_HAS_OFFSET, regex=True).to_numpy()
+    idx = np.flatnonzero(is_text)
+    day_ns = 86_400 * 10**9
+    if aware.any():
+        parsed = pd.to_datetime(text[aware], format="ISO8601", utc=True,
+                                errors="coerce").dt.as_unit("ns")
+        ok = parsed.notna().to_numpy()
+        target = idx[aware][ok]
+        utc[target] = parsed[ok].astype("int64").to_numpy()
+        local = parsed[ok].dt.tz_convert(zone).dt.tz_localize(None).astype("int64").to_numpy()
+        local_tod[target] = local % day_ns
+    naive = ~aware
+    if naive.any():
+        parsed = pd.to_datetime(text[naive], format="ISO8601", errors="coerce")
+        if getattr(parsed.dt, "tz", None) is None:
+            parsed = parsed.dt.as_unit("ns")
+        if getattr(parsed.dt, "tz", None) is None:
+            localized = parsed.dt.tz_localize(zone, ambiguous=np.ones(len(parsed), dtype=bool),
+                                              nonexistent="NaT")
+            ok = localized.notna().to_numpy()
+            target = idx[naive][ok]
+            utc[target] = localized[ok].dt.tz_convert("UTC").astype("int64").to_numpy()
+            local_tod[target] = parsed[ok].astype("int64").to_numpy() % day_ns
+    return utc, local_tod
+
+
+def _time_ns(t: time) -> int:
+    return ((t.hour * 60 + t.minute) * 60 + t.second) * 10**9 + t.microsecond * 1000
+
+
+def validate_events(events: pd.DataFrame, master: MasterData, rules: Rules,
+                    now: datetime | None = None) -> Outcome:
+    """Apply SPEC §2 to every event; each gets exactly one outcome (first failing rule wins)."""
+    now = now or datetime.now(timezone.utc)
+    n = len(events)
+    at_missing = _is_missing_text(events["at"])
+    utc_ns, tod_ns = _timestamps(events["at"], at_missing, rules.zone)
+    at_invalid = ~at_missing & (utc_ns == np.iinfo("int64").min)
+    outside = ~at_missing & ~at_invalid & ((tod_ns < _time_ns(rules.opening))
+                                          | (tod_ns > _time_ns(rules.closing)))
+    limit_ns = int((now + rules.future_tolerance).timestamp() * 10**9)
+    future = ~at_missing & ~at_invalid & (utc_ns > limit_ns)
+
+    site_missing, site = _integers(events["site"])
+    val_missing, val = _integers(events["val"])
+    type_missing, typ = _integers(events["type"])
+    known_site = np.isin(site, list(master.exhibitions)) if master.exhibitions else np.zeros(n, bool)
+    is_rating = np.isin(val, list(master.ratings)) if master.ratings else np.zeros(n, bool)
+    is_call = val == -1
+    known_type = np.isin(typ, list(master.requests)) if master.requests else np.zeros(n, bool)
+
+    conditions = [at_missing, at_invalid, outside, future, site_missing, ~known_site,
+                  val_missing, ~(is_rating | is_call),
+                  is_call & type_missing, is_call & ~known_type,
+                  is_rating & ~type_missing]
+    reasons = np.array(REASONS[2:] + ("",), dtype=object)
+    code = np.select(conditions, np.arange(len(conditions)), default=len(conditions))
+    valid = code == len(conditions)
+
+    event_at = pd.to_datetime(utc_ns, unit="ns", utc=True) if n else pd.DatetimeIndex([], tz="UTC")
+    positions = events["position"].to_numpy()
+    site_ids = _lookup(site, master.exhibitions)
+
+    rating_rows = valid & is_rating
+    ratings = pd.DataFrame({"position": positions[rating_rows],
+                            "exhibition_id": site_ids[rating_rows],
+                            "rating_id": _lookup(val[rating_rows], master.ratings),
+                            "event_at": event_at[rating_rows]})
+    request_rows = valid & is_call
+    requests = pd.DataFrame({"position": positions[request_rows],
+                             "exhibition_id": site_ids[request_rows],
+                             "request_id": _lookup(typ[request_rows], master.requests),
+                             "event_at": event_at[request_rows],
+                             "site": site[request_rows].astype("int64"),
+                             "request_value": typ[request_rows].astype("int64")})
+    bad = ~valid
+    rejected = events.loc[bad, ["position", "locator", "payload"]].reset_index(drop=True)
+    rejected["reason"] = reasons[code[bad]]
+    rejected["detail"] = _details(rejected["reason"].to_numpy(),
+                                  events.loc[bad, list(FIELDS)].to_numpy(), rules)
+    rejected["payload"] = [payload_text(p) if p.__class__ is bytes else p
+                           for p in rejected["payload"]]
+    return Outcome(ratings, requests, rejected if len(rejected) else empty_rejections())
+
+
+def _lookup(values: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
+    """Map integer values (as floats) to surrogate keys; -1 where unknown (never stored)."""
+    out = np.full(len(values), -1, dtype="int64")
+    for key, surrogate in mapping.items():
+        out[values == key] = surrogate
+    return out
+
+
+def _details(reasons: np.ndarray, raw: np.ndarray, rules: Rules) -> list[str]:
+    """Human words for each rejection: what was wrong with which value."""
+    hours = f"{rules.opening.isoformat()}–{rules.closing.isoformat()} {rules.zone}"
+    words = {
+        "missing_at": lambda r: "at is missing or empty",
+        "invalid_at": lambda r: f"at {r[0]!r} is not an ISO-8601 timestamp (or does not exist "
+                                f"in {rules.zone})",
+        "outside_opening_hours": lambda r: f"at {r[0]!r} is outside opening hours {hours}",
+        "future_event": lambda r: f"at {r[0]!r} is more than "
+                                  f"{int(rules.future_tolerance.total_seconds())} s in the future",
+        "missing_site": lambda r: "site is missing or empty",
+        "unknown_site": lambda r: f"site {r[1]!r} is not a known exhibition",
+        "missing_val": lambda r: "val is missing or empty",
+        "invalid_val": lambda r: f"val {r[2]!r} is neither -1 nor a known rating value",
+        "missing_type": lambda r: "val is -1 (a call) but type is missing or empty",
+        "invalid_type": lambda r: f"type {r[3]!r} is not a known request value",
+        "unexpected_type": lambda r: f"val {r[2]!r} is a rating but type {r[3]!r} is set",
+    }
+    return [words[reason](row) for reason, row in zip(reasons, raw)]
+
+
+# --------------------------------------------------------------------------- exhibitions
+EXHIBITION_KEYS = ("EXHIBITION_NAME", "EXHIBITION_ID", "FLOOR", "DEPARTMENT", "START_DATE",
+                   "DESCRIPTION")
+
+
+class ExhibitionError(ValueError):
+    """An exhibition object that cannot become master data; reported and skipped."""
+
+
+@dataclass(frozen=True)
+class Exhibition:
+    public_id: str
+    site: int
+    name: str
+    floor: str
+    department: str
+    start_date: date
+    description: str
+
+
+def parse_exhibition(raw: bytes) -> Exhibition:
+    """An exhibition object (SPEC §1) as a master-data record, or ExhibitionError saying why."""
+    try:
+        record = json.loads(raw.decode("utf-8-sig"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ExhibitionError(f"not UTF-8 JSON: {exc}") from None
+    if not isinstance(record, dict):
+        raise ExhibitionError(f"JSON {type(record).__name__}, not an object")
+    missing = [k for k in EXHIBITION_KEYS if not isinstance(record.get(k), str)
+               or not record[k].strip()]
+    if missing:
+        raise ExhibitionError(f"missing or non-text {', '.join(missing)}")
+    public_id = record["EXHIBITION_ID"].strip()
+    match = re.fullmatch(r"EXH_(\d+)", public_id)
+    if not match:
+        raise ExhibitionError(f"EXHIBITION_ID {public_id!r} is not like EXH_03")
+    try:
+        start = datetime.strptime(record["START_DATE"].strip(), "%d/%m/%y").date()
+    except ValueError:
+        raise ExhibitionError(f"START_DATE {record['START_DATE']!r} is not DD/MM/YY") from None
+    return Exhibition(public_id=public_id, site=int(match.group(1)),
+                      name=record["EXHIBITION_NAME"].strip(), floor=record["FLOOR"].strip(),
+                      department=record["DEPARTMENT"].strip(), start_date=start,
+                      description=record["DESCRIPTION"].strip())
+
+
+def concat_rejections(parts: Iterable[pd.DataFrame]) -> pd.DataFrame:
+    frames = [p for p in parts if len(p)]
+    return pd.concat(frames, ignore_index=True) if frames else empty_rejections()
