@@ -16,6 +16,7 @@ import importlib.util
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Iterator
 
 from settings import (DEFAULT_DB_NAME, PROJECT_DIR, DatabaseSettings, KafkaSettings,
-                      S3Settings, Settings)
+                      S3Settings, Settings, SettingsError)
 
 log = logging.getLogger("localstack")
 
@@ -329,13 +330,28 @@ def resolve(settings: Settings, needs: tuple[str, ...], state_dir: Path | None =
     return settings.with_services(**changes)
 
 
+def psql_exports() -> str:
+    """`export PG...` lines for psql: the database of `.env`, or the local one (started)."""
+    from settings import load_settings, read_environment
+    settings = load_settings(read_environment())
+    local = settings.database is None
+    if local:
+        settings = resolve(settings, ("postgres",))
+    db = settings.database
+    values = {"PGHOST": db.host, "PGPORT": str(db.port), "PGDATABASE": db.name,
+              "PGUSER": db.user, "PGPASSWORD": db.password, "LMNH_DB_LOCAL": "1" if local else "0",
+              "LMNH_PSQL": str(_pg_bin() / "psql"), "PGAPPNAME": "lmnh-psql",
+              "PGOPTIONS": "-c timezone=Europe/London"}
+    return "\n".join(f"export {k}={shlex.quote(v)}" for k, v in values.items() if v)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Start, inspect or stop the local stack.")
-    parser.add_argument("command", choices=["up", "status", "down", "env"],
+    parser.add_argument("command", choices=["up", "status", "down", "psql-env"],
                         help="up: start what is not running; status: show; down: stop all; "
-                             "env: print the stack's settings as shell assignments")
+                             "psql-env: shell exports for psql (used by connect.sh, reset.sh)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         if args.command == "up":
             for name, info in up().items():
@@ -348,15 +364,12 @@ def main(argv: list[str] | None = None) -> int:
                 where = f" on 127.0.0.1:{info['port']}" if info.get("port") else ""
                 print(f"{name:9} {state}{where}")
             return 3 if any_down else 0
-        elif args.command == "env":
-            info = status()
-            if info["postgres"]["running"]:
-                print(f"DB_HOST=127.0.0.1\nDB_PORT={info['postgres']['port']}\n"
-                      f"DB_NAME={DEFAULT_DB_NAME}\nDB_USER=postgres")
+        elif args.command == "psql-env":
+            print(psql_exports())
         else:
             stopped = down()
             print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
-    except LocalStackError as exc:
+    except (LocalStackError, SettingsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

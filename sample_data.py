@@ -14,14 +14,17 @@ so it favours being obviously right over being fast.
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import json
+import logging
 import math
 import random
 import re
+import sys
 from collections import Counter
 from collections.abc import Container, Iterable
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -43,6 +46,7 @@ __all__ = [
     "generate_kiosk_csv",
     "generate_messages",
     "kiosk_key",
+    "main",
     "seed_bucket",
 ]
 
@@ -54,6 +58,11 @@ CLOSING_TIME = time(18, 15)
 STREAM_DAY_START = time(9, 0)
 FUTURE_TOLERANCE = timedelta(minutes=5)
 CSV_HEADER = b"at,site,val,type\n"
+# The seed's master data: sites 0-5, ratings 0-4, requests 0-1; defaults of the classifiers.
+_SEED_SITES = range(6)
+_SEED_RATINGS = range(5)
+_SEED_REQUESTS = range(2)
+_OPENING_HOURS = (OPENING_TIME, CLOSING_TIME)
 
 # SPEC §2, in rule order; the first failing rule names the rejection.
 REASON_CODES = (
@@ -314,7 +323,7 @@ def generate_kiosk_csv(rows: int, seed: int = 0, day: str = "2023-03-06",
     matrix and the padding is squeezed out, because the pipeline's benchmarks need objects of
     millions of rows and per-row formatting would dominate them. With ``anomalies`` about 4% of
     rows are rejected by SPEC §2 (2.5% outside opening hours plus ~0.15% per other CSV reason);
-    0.3% of rows repeat an earlier row exactly, which are distinct valid events (SPEC §3); and,
+    0.3% of rows repeat another row exactly, which are distinct valid events (SPEC §3); and,
     from 1,000 rows, four rows sit on the opening-hours boundaries (08:44:59 and 18:15:01 out,
     08:45:00 and 18:15:00 in). Without ``anomalies`` every row is valid.
     """
@@ -436,8 +445,8 @@ _INVALID_VARIANTS: dict[str, tuple[str, float]] = {
     "val_fraction": ("invalid_val", 0.5),
     "type_absent": ("missing_type", 0.8),
     "type_null": ("missing_type", 2.0),
-    "type_out_of_range": ("invalid_type", 6.0),
-    "type_word": ("invalid_type", 6.0),
+    "type_out_of_range": ("invalid_type", 8.0),
+    "type_word": ("invalid_type", 8.0),
     "type_on_rating": ("unexpected_type", 1.0),
     "truncated_json": ("malformed_json", 0.8),
     "not_utf8": ("malformed_json", 0.5),
@@ -463,10 +472,18 @@ def _default_start(total_us: int, now: datetime) -> datetime:
     """A 09:00 start far enough back that the whole stream, wrapped day by day, ends by ``now``."""
     window_us = _stream_window_us()
     today = now.date()
-    day_start = datetime.combine(today, STREAM_DAY_START, LONDON)
-    day_end = datetime.combine(today, CLOSING_TIME, LONDON)
-    available_us = max(0, _micros(min(now, day_end) - day_start) - 1)
-    days_back = 0 if total_us <= available_us else -(-(total_us - available_us) // window_us)
+    available_us = _micros(min(now, datetime.combine(today, CLOSING_TIME, LONDON))
+                           - datetime.combine(today, STREAM_DAY_START, LONDON))
+    days_back = 0 if total_us <= available_us else max(
+        1, -(-(total_us - max(available_us, 0)) // window_us))
+
+    def last_moment(back: int) -> datetime:
+        day = today - timedelta(days=back) + timedelta(days=total_us // window_us)
+        return datetime.combine(day, STREAM_DAY_START, LONDON) + timedelta(
+            microseconds=total_us % window_us)
+
+    while last_moment(days_back) > now:  # only at exact window boundaries
+        days_back += 1
     return datetime.combine(today - timedelta(days=days_back), STREAM_DAY_START, LONDON)
 
 
@@ -480,9 +497,9 @@ def _stream_window_us() -> int:
 
 
 def _stream_times(count: int, rng: np.random.Generator, start: datetime | None,
-                  interval_seconds: float, now: datetime) -> tuple[list[str], np.ndarray, date]:
-    """Local ``at`` strings of a stream with random gaps that skips from closing to the next
-    day's 09:00; returns them with each message's day index and the first day."""
+                  interval_seconds: float, now: datetime) -> list[str]:
+    """``at`` strings (local time and offset) of a stream with exponential gaps that skips from
+    closing time to 09:00 the next day."""
     gaps = np.maximum(rng.exponential(interval_seconds * 1e6, count), 1.0).astype(np.int64)
     offsets = np.zeros(count, dtype=np.int64)
     np.cumsum(gaps[:-1], out=offsets[1:])
@@ -492,7 +509,7 @@ def _stream_times(count: int, rng: np.random.Generator, start: datetime | None,
         local_start = _default_start(total_us, now)
     else:
         local_start = _local(start)
-        if not OPENING_TIME <= local_start.time().replace(tzinfo=None) <= CLOSING_TIME:
+        if not OPENING_TIME <= local_start.time() <= CLOSING_TIME:
             raise ValueError("start must be inside opening hours, museum local time")
     first_day = local_start.date()
     day_anchor = datetime.combine(first_day, STREAM_DAY_START)
@@ -508,7 +525,7 @@ def _stream_times(count: int, rng: np.random.Generator, start: datetime | None,
         _offset_text(datetime.combine(first_day + timedelta(days=d), time(12), LONDON))
         for d in range(int(day_index[-1]) + 1 if count else 0)]
     suffix = np.array(offsets_by_day or ["+00:00"])[day_index]
-    return np.char.add(texts, suffix).tolist(), day_index, first_day
+    return np.char.add(texts, suffix).tolist()
 
 
 def _invalid_payload(variant: str, rng: random.Random, at: str, site: str, val: int,
@@ -620,7 +637,7 @@ def generate_messages(count: int, seed: int = 0, invalid_fraction: float = 0.16,
     if count == 0:
         return []
     rng = np.random.default_rng(seed)
-    ats, _, _ = _stream_times(count, rng, start, interval_seconds, datetime.now(LONDON))
+    ats = _stream_times(count, rng, start, interval_seconds, datetime.now(LONDON))
     sites = rng.choice(len(_STREAM_SITE_WEIGHTS), size=count,
                        p=_STREAM_SITE_WEIGHTS / _STREAM_SITE_WEIGHTS.sum()).tolist()
     vals = rng.choice(5, size=count, p=_RATING_WEIGHTS / _RATING_WEIGHTS.sum())
@@ -695,7 +712,7 @@ def _parse_at(value: Any) -> datetime | None:
     if parsed.tzinfo is not None:
         return parsed.astimezone(LONDON)
     local = parsed.replace(tzinfo=LONDON)
-    if local.astimezone(timezone.utc).astimezone(LONDON).replace(tzinfo=None) != parsed:
+    if local.astimezone(UTC).astimezone(LONDON).replace(tzinfo=None) != parsed:
         return None
     return local
 
@@ -739,15 +756,15 @@ def _classify_fields(at: Any, site: Any, val: Any, request_type: Any,
 
 def _now(now: datetime | None) -> datetime:
     if now is None:
-        return datetime.now(timezone.utc)
+        return datetime.now(UTC)
     return now if now.tzinfo is not None else now.replace(tzinfo=LONDON)
 
 
-def expected_reasons(csv_bytes: bytes, known_sites: Container[int] = range(0, 6),
-                     ratings: Container[int] = range(0, 5),
-                     requests: Container[int] = range(0, 2), *,
+def expected_reasons(csv_bytes: bytes, known_sites: Container[int] = _SEED_SITES,
+                     ratings: Container[int] = _SEED_RATINGS,
+                     requests: Container[int] = _SEED_REQUESTS, *,
                      now: datetime | None = None,
-                     opening_hours: tuple[time, time] = (OPENING_TIME, CLOSING_TIME),
+                     opening_hours: tuple[time, time] = _OPENING_HOURS,
                      ) -> Counter:
     """Count what SPEC §2 makes of each row of a kiosk CSV: a reason code, or ``rating`` /
     ``request`` for valid rows. Skips the header and blank lines; ``now`` is the processing
@@ -770,11 +787,11 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def classify_message(payload: bytes, known_sites: Container[int] = range(0, 6),
-                     ratings: Container[int] = range(0, 5),
-                     requests: Container[int] = range(0, 2),
+def classify_message(payload: bytes, known_sites: Container[int] = _SEED_SITES,
+                     ratings: Container[int] = _SEED_RATINGS,
+                     requests: Container[int] = _SEED_REQUESTS,
                      now: datetime | None = None, *,
-                     opening_hours: tuple[time, time] = (OPENING_TIME, CLOSING_TIME)) -> str:
+                     opening_hours: tuple[time, time] = _OPENING_HOURS) -> str:
     """What SPEC §2 makes of one Kafka payload: a reason code, or ``rating`` / ``request``."""
     try:
         message = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
@@ -810,7 +827,8 @@ def seed_bucket(s3_client: Any, bucket: str, objects: int = 4, rows: int = 535, 
                 anomalies: bool = True) -> list[str]:
     """Fill a bucket like the museum's: kiosk CSVs (object i from seed + i), the six exhibition
     files and the decoys. Creates the bucket when missing; returns the keys written."""
-    from botocore.exceptions import ClientError  # only callers with an S3 client need botocore
+    # Imported here: only callers that hold an S3 client need botocore.
+    from botocore.exceptions import ClientError
 
     try:
         s3_client.head_bucket(Bucket=bucket)
@@ -829,3 +847,78 @@ def seed_bucket(s3_client: Any, bucket: str, objects: int = 4, rows: int = 535, 
         s3_client.put_object(Bucket=bucket, Key=key, Body=body, ContentType=content_type)
         written.append(key)
     return written
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: seed the configured (or local) bucket, as `make demo` does
+# ---------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    """Options of ``python3 sample_data.py``; separate so tests can check them without S3."""
+    parser = argparse.ArgumentParser(
+        prog="sample_data.py",
+        description="Seed an S3 bucket (the local one unless .env names S3) with generated "
+                    "kiosk CSVs, the six exhibition files and the decoy objects.")
+    parser.add_argument("-b", "--bucket", default=None,
+                        help="bucket to fill (default: $BUCKET or sigma-resources-museum)")
+    parser.add_argument("--objects", type=int, default=4,
+                        help="kiosk objects lmnh_hist_data_0..N-1.csv (default 4)")
+    parser.add_argument("--rows", type=int, default=535, help="rows per kiosk object (default 535)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--no-anomalies", action="store_true",
+                        help="only valid rows (default: ~4%% rejected rows, as in reality)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Seed the bucket; exit 0 on success, 2 for a bad setting, 1 when S3 cannot be used."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.objects < 0 or args.rows < 0:
+        parser.error("--objects and --rows must be >= 0")
+    # The entry-point modules are imported here so the generator itself needs only numpy.
+    import botocore.exceptions
+
+    import localstack
+    from extract import describe_s3_error, make_s3_client
+    from logsetup import protect_secrets, setup_logging
+    from settings import (
+        DEFAULT_BUCKET,
+        SettingsError,
+        load_settings,
+        read_environment,
+        redact,
+    )
+
+    setup_logging("console", "sample_data")
+    log = logging.getLogger("sample_data")
+    secrets: list[str] = []
+    bucket = args.bucket or DEFAULT_BUCKET
+    try:
+        env = read_environment()
+        settings = load_settings(env)
+        secrets = settings.secrets()
+        protect_secrets(secrets)
+        settings = localstack.resolve(settings, ("s3",))
+        bucket = args.bucket or env.get("BUCKET") or DEFAULT_BUCKET
+        client = make_s3_client(settings.s3)
+        keys = seed_bucket(client, bucket, objects=args.objects, rows=args.rows, seed=args.seed,
+                           anomalies=not args.no_anomalies)
+    except SettingsError as exc:
+        log.error("configuration error: %s", redact(str(exc), secrets))
+        return 2
+    except localstack.LocalStackError as exc:
+        log.error("local stack: %s", redact(str(exc).splitlines()[0], secrets))
+        return 1
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+        log.error("%s", redact(describe_s3_error(exc, f"seeding s3://{bucket}"),
+                               secrets))
+        return 1
+    log.info("seeded s3://%s: %d kiosk objects of %d rows, %d exhibition files, %d decoys",
+             bucket, args.objects, args.rows, len(EXHIBITIONS), len(DECOY_OBJECTS))
+    log.debug("keys: %s", ", ".join(keys))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

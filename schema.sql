@@ -175,3 +175,17 @@ SELECT ri.rating_interaction_id, ri.event_at, e.exhibition_id, e.public_id,
 FROM rating_interaction ri
 JOIN exhibition e USING (exhibition_id)
 JOIN rating r USING (rating_id);
+
+-- What has landed, per kind of source: the operator's first look after a run.
+CREATE OR REPLACE VIEW load_overview AS
+SELECT s.kind AS source_kind,
+       count(DISTINCT s.source_id) AS sources,
+       coalesce(sum(r.n), 0) AS ratings,
+       coalesce(sum(q.n), 0) AS requests,
+       coalesce(sum(x.n), 0) AS rejected
+FROM event_source s
+LEFT JOIN (SELECT source_id, count(*) AS n FROM rating_interaction GROUP BY source_id) r USING (source_id)
+LEFT JOIN (SELECT source_id, count(*) AS n FROM request_interaction GROUP BY source_id) q USING (source_id)
+LEFT JOIN (SELECT source_id, count(*) AS n FROM rejected_event GROUP BY source_id) x USING (source_id)
+GROUP BY s.kind
+ORDER BY s.kind;

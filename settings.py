@@ -96,13 +96,29 @@ class Settings:
         return replace(self, **services)
 
 
+SERVICE_KEYS = ("DB_HOST", "DB_PORT", "DB_NAME", "DB_USER", "DB_PASS", "AWS_ACCESS_KEY",
+                "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECRET_KEY",
+                "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "BOOTSTRAP_SERVERS",
+                "SECURITY_PROTOCOL", "SASL_MECHANISM", "USERNAME", "PASSWORD")
+
+
 def read_environment(env_file: Path | None = None, environ: Mapping[str, str] | None = None
                      ) -> dict[str, str]:
-    """The process environment over `.env`: what is exported wins, as with docker and make."""
-    env_file = env_file if env_file is not None else PROJECT_DIR / ".env"
+    """The process environment over `.env`: what is exported wins, as with docker and make.
+
+    `LMNH_STACK=local` (set by `make demo` and `make test`) ignores every service setting, so
+    the local stack is used even where `.env` points at production; `LMNH_ENV_FILE` names
+    another file than `.env`.
+    """
+    environ = os.environ if environ is None else environ
+    if env_file is None:
+        env_file = Path(environ.get("LMNH_ENV_FILE") or PROJECT_DIR / ".env")
     values = {k: v for k, v in dotenv_values(env_file).items() if v is not None} \
-        if env_file.exists() else {}
-    values.update(os.environ if environ is None else environ)
+        if env_file.is_file() else {}
+    values.update(environ)
+    if values.get("LMNH_STACK") == "local":
+        for key in SERVICE_KEYS:
+            values.pop(key, None)
     return values
 
 

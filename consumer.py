@@ -1,0 +1,426 @@
+"""Live run: consume the kiosk topic into PostgreSQL, exactly once in effect (SPEC §3–§4).
+
+    python3 consumer.py [--topic T] [--group G] [--max-messages N] [-l {console,file}]
+
+The database, not Kafka, is the record of progress: a batch's events, its rejections and the
+next offset of each partition commit in ONE transaction, and on assignment the consumer seeks
+to the offsets stored there. Inside that transaction the offset rows are locked and messages
+below the stored offset are dropped, so a replay (after kill -9, a rebalance, a zombie consumer)
+can never store an event twice. Offsets are committed to Kafka too, after the database, only so
+that lag monitoring keeps working.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import psycopg2
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+
+import load
+import localstack
+import transform
+from logsetup import protect_secrets, setup_logging
+from settings import Settings, SettingsError, load_settings, read_environment, redact
+
+log = logging.getLogger("consumer")
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+DEFAULT_GROUP = "lmnh-pipeline"
+# Errors that waiting cannot fix: the consumer exits non-zero on these.
+FATAL_KAFKA_CODES = {KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED,
+                     KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.GROUP_AUTHORIZATION_FAILED,
+                     KafkaError._SSL, KafkaError._INVALID_ARG}
+FATAL_DB_TEXT = ("password authentication failed", "does not exist", "no pg_hba.conf entry",
+                 "permission denied")
+
+
+class FatalError(RuntimeError):
+    """Something no amount of waiting fixes (bad credentials, forbidden topic)."""
+
+
+@dataclass
+class BatchResult:
+    messages: int = 0
+    duplicates: int = 0
+    ratings: int = 0
+    requests: int = 0
+    rejected: Counter = field(default_factory=Counter)
+    next_offsets: dict[int, int] = field(default_factory=dict)
+    emergencies: list[tuple[str, int, str]] = field(default_factory=list)
+
+
+def store_batch(conn, topic: str, messages: list, rules: transform.Rules,
+                now: datetime | None = None) -> BatchResult:
+    """Validate a batch and commit its rows, rejections and offsets in one transaction."""
+    result = BatchResult(messages=len(messages))
+    by_partition: dict[int, list] = defaultdict(list)
+    for message in messages:
+        by_partition[message.partition()].append(message)
+    source_text = f"kafka://{topic}"
+    with load.transaction(conn) as cur:
+        offsets = load.lock_offsets(cur, topic, list(by_partition))
+        master = load.read_master_data(cur)
+        for partition, batch in by_partition.items():
+            source, next_offset = offsets[partition]
+            fresh = [m for m in batch if m.offset() >= next_offset]
+            result.duplicates += len(batch) - len(fresh)
+            if not fresh:
+                continue
+            parsed = transform.parse_messages([m.value() for m in fresh], [partition] * len(fresh),
+                                              [m.offset() for m in fresh])
+            outcome = transform.validate_events(parsed.events, master, rules, now)
+            rejections = transform.concat_rejections([parsed.rejections, outcome.rejections])
+            result.ratings += load.copy_ratings(cur, outcome.ratings, source)
+            result.requests += load.copy_requests(cur, outcome.requests, source)
+            load.copy_rejections(cur, rejections, source_text, source)
+            result.rejected.update(rejections["reason"].value_counts().to_dict())
+            new_next = max(m.offset() for m in fresh) + 1
+            load.advance_offset(cur, source, new_next)
+            result.next_offsets[partition] = new_next
+            emergencies = outcome.requests[outcome.requests["request_value"] == 1]
+            for site, at in zip(emergencies["site"], emergencies["event_at"]):
+                result.emergencies.append((master.exhibition_names.get(int(site), "?"), int(site),
+                                           at.tz_convert(rules.zone).isoformat()))
+    return result
+
+
+def read_positions(conn, topic: str, partitions: list[int]) -> dict[int, int]:
+    with load.transaction(conn) as cur:
+        return load.stored_offsets(cur, topic, partitions)
+
+
+class Metrics:
+    """Prometheus metrics when --metrics-port is given; no-ops otherwise."""
+
+    def __init__(self, port: int | None):
+        self.enabled = port is not None
+        if not self.enabled:
+            return
+        from prometheus_client import Counter as PCounter
+        from prometheus_client import Gauge, Histogram, start_http_server
+        self.stored = PCounter("lmnh_events_stored_total", "Events stored", ["kind"])
+        self.rejected = PCounter("lmnh_events_rejected_total", "Events rejected", ["reason"])
+        self.latency = Histogram("lmnh_batch_seconds", "Seconds to store one batch")
+        self.offset = Gauge("lmnh_last_offset", "Next offset stored per partition", ["partition"])
+        start_http_server(port, addr="127.0.0.1")
+
+    def observe(self, result: BatchResult, seconds: float) -> None:
+        if not self.enabled:
+            return
+        self.stored.labels("rating").inc(result.ratings)
+        self.stored.labels("request").inc(result.requests)
+        for reason, count in result.rejected.items():
+            self.rejected.labels(reason).inc(count)
+        self.latency.observe(seconds)
+        for partition, offset in result.next_offsets.items():
+            self.offset.labels(str(partition)).set(offset)
+
+
+class KioskConsumer:
+    """The consumer loop: batch, store, commit; ride out outages; stop cleanly on a signal."""
+
+    def __init__(self, settings: Settings, topic: str, group: str, max_messages: int | None,
+                 batch_size: int, session_timeout_ms: int, stop_at_end: bool,
+                 metrics: Metrics, rules: transform.Rules):
+        self.settings = settings
+        self.topic = topic
+        self.group = group
+        self.max_messages = max_messages
+        self.batch_size = batch_size
+        self.stop_at_end = stop_at_end
+        self.metrics = metrics
+        self.rules = rules
+        self.stopping = False
+        self.conn = None
+        self.db_down_since: float | None = None
+        self.broker_down = False
+        self.fatal: str | None = None
+        self.assigned: set[int] = set()
+        self.at_end: set[int] = set()
+        self.totals = BatchResult()
+        config = {**settings.kafka.client_config(), "group.id": group,
+                  "enable.auto.commit": False, "enable.auto.offset.store": False,
+                  "auto.offset.reset": "earliest", "enable.partition.eof": True,
+                  "session.timeout.ms": session_timeout_ms,
+                  "heartbeat.interval.ms": max(session_timeout_ms // 3, 500),
+                  "error_cb": self._on_error, "logger": logging.getLogger("librdkafka")}
+        self.consumer = Consumer(config)
+
+    # ---- signals and callbacks
+    def request_stop(self, signum=None, frame=None) -> None:
+        if not self.stopping:
+            log.info("stop requested: finishing the batch in flight")
+        self.stopping = True
+
+    def _on_error(self, error: KafkaError) -> None:
+        if error.code() in FATAL_KAFKA_CODES or error.fatal():
+            self.fatal = f"Kafka refused us: {error.str()}"
+            self.stopping = True
+        elif error.code() in (KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN):
+            if not self.broker_down:
+                log.warning("Kafka broker unreachable (%s); waiting for it to come back",
+                            error.str())
+            self.broker_down = True
+        else:
+            log.warning("Kafka: %s", error.str())
+
+    def _on_assign(self, consumer, partitions: list[TopicPartition]) -> None:
+        wanted = [p.partition for p in partitions]
+        try:
+            stored = read_positions(self._db(), self.topic, wanted)
+        except (psycopg2.Error, load.DatabaseError) as exc:
+            # Kafka's committed offsets trail the database's, and store_batch drops anything
+            # already stored, so starting from them is safe, only slower.
+            log.warning("database unavailable at assignment (%s); starting from Kafka's "
+                        "committed offsets", str(exc).splitlines()[0])
+            self._drop_connection()
+            stored = None
+        for p in partitions:
+            if stored is not None:
+                p.offset = stored.get(p.partition, OFFSET_BEGINNING)
+        consumer.assign(partitions)
+        self.assigned |= set(wanted)
+        self.at_end -= set(wanted)
+        log.info("assigned %s partitions %s, starting at %s", self.topic, sorted(wanted),
+                 {p.partition: ("earliest" if p.offset == OFFSET_BEGINNING else p.offset)
+                  for p in partitions} if stored is not None else "committed offsets")
+
+    def _on_revoke(self, consumer, partitions: list[TopicPartition]) -> None:
+        # Nothing to flush: each batch is stored before the next consume(), so the database
+        # already holds everything this consumer took from these partitions.
+        gone = {p.partition for p in partitions}
+        self.assigned -= gone
+        self.at_end -= gone
+        log.info("revoked %s partitions %s", self.topic, sorted(gone))
+
+    def _on_lost(self, consumer, partitions: list[TopicPartition]) -> None:
+        gone = {p.partition for p in partitions}
+        self.assigned -= gone
+        self.at_end -= gone
+        log.warning("lost %s partitions %s (session expired); the new owner resumes from the "
+                    "database's offsets", self.topic, sorted(gone))
+
+    # ---- database
+    def _db(self):
+        if self.conn is None or self.conn.closed:
+            self.conn = load.connect(self.settings.database)
+        return self.conn
+
+    def _drop_connection(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except psycopg2.Error:
+                pass
+        self.conn = None
+
+    def _store_with_retry(self, messages: list) -> BatchResult:
+        """Store a batch, retrying with backoff while the database is away (offsets hold)."""
+        delay = 0.5
+        while True:
+            try:
+                result = store_batch(self._db(), self.topic, messages, self.rules)
+            except (psycopg2.OperationalError, psycopg2.InterfaceError, load.DatabaseError) as exc:
+                text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                if any(t in text for t in FATAL_DB_TEXT):
+                    raise FatalError(f"database refused us: {text}") from None
+                self._drop_connection()
+                if self.db_down_since is None:
+                    self.db_down_since = time.monotonic()
+                    log.warning("database unavailable (%s); holding the batch and retrying "
+                                "with backoff", text)
+                self._wait(delay)
+                delay = min(delay * 2, 10.0)
+                if self.stopping and self.fatal:
+                    raise FatalError(self.fatal) from None
+                continue
+            if self.db_down_since is not None:
+                log.info("database is back after %.1f s; carrying on",
+                         time.monotonic() - self.db_down_since)
+                self.db_down_since = None
+            return result
+
+    def _wait(self, seconds: float) -> None:
+        """Sleep while keeping group membership alive (paused partitions deliver nothing)."""
+        assignment = self.consumer.assignment()
+        if assignment:
+            self.consumer.pause(assignment)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            self.consumer.poll(0.1)
+        assignment = self.consumer.assignment()
+        if assignment:
+            self.consumer.resume(assignment)
+
+    # ---- the loop
+    def run(self) -> int:
+        self.consumer.subscribe([self.topic], on_assign=self._on_assign,
+                                on_revoke=self._on_revoke, on_lost=self._on_lost)
+        last_report = time.monotonic()
+        reported = 0
+        try:
+            while not self.stopping:
+                want = self.batch_size
+                if self.max_messages is not None:
+                    want = min(want, self.max_messages - self.totals.messages)
+                    if want <= 0:
+                        break
+                batch = self.consumer.consume(num_messages=want, timeout=0.5)
+                messages = self._usable(batch)
+                if messages:
+                    if self.broker_down:
+                        log.info("Kafka broker reachable again")
+                        self.broker_down = False
+                    self._handle(messages)
+                if self.stop_at_end and self.assigned and self.at_end >= self.assigned:
+                    log.info("all assigned partitions are at their end; stopping")
+                    break
+                if time.monotonic() - last_report >= 30:
+                    done = self.totals.messages - reported
+                    log.info("throughput: %d messages in %.0f s (%.0f msg/s)", done,
+                             time.monotonic() - last_report,
+                             done / (time.monotonic() - last_report))
+                    last_report, reported = time.monotonic(), self.totals.messages
+        finally:
+            self.consumer.close()
+            self._drop_connection()
+        if self.fatal:
+            raise FatalError(self.fatal)
+        return EXIT_OK
+
+    def _usable(self, batch: list) -> list:
+        messages = []
+        for message in batch:
+            error = message.error()
+            if error is None:
+                messages.append(message)
+                self.at_end.discard(message.partition())
+            elif error.code() == KafkaError._PARTITION_EOF:
+                self.at_end.add(message.partition())
+            elif error.code() in FATAL_KAFKA_CODES or error.fatal():
+                self.fatal = f"Kafka refused us: {error.str()}"
+                self.stopping = True
+            else:
+                log.warning("Kafka: %s", error.str())
+        return messages
+
+    def _handle(self, messages: list) -> None:
+        started = time.monotonic()
+        result = self._store_with_retry(messages)
+        seconds = time.monotonic() - started
+        if result.next_offsets:
+            self.consumer.commit(offsets=[TopicPartition(self.topic, p, o)
+                                          for p, o in result.next_offsets.items()],
+                                 asynchronous=True)
+        self._add(result)
+        self.metrics.observe(result, seconds)
+        for name, site, at in result.emergencies:
+            log.warning("EMERGENCY call at %s (site %d) at %s", name, site, at)
+        log.info("batch: %d messages = %d ratings + %d requests + %d rejected%s (%.3f s)%s",
+                 result.messages, result.ratings, result.requests,
+                 sum(result.rejected.values()),
+                 f" + {result.duplicates} already stored" if result.duplicates else "", seconds,
+                 "" if not result.rejected else " " + ", ".join(
+                     f"{k}={v}" for k, v in sorted(result.rejected.items())))
+
+    def _add(self, result: BatchResult) -> None:
+        t = self.totals
+        t.messages += result.messages
+        t.duplicates += result.duplicates
+        t.ratings += result.ratings
+        t.requests += result.requests
+        t.rejected.update(result.rejected)
+
+    def summary_lines(self) -> list[str]:
+        t = self.totals
+        lines = [f"consumer summary: {t.messages} messages = {t.ratings} ratings + "
+                 f"{t.requests} requests + {sum(t.rejected.values())} rejected"
+                 + (f" + {t.duplicates} already stored" if t.duplicates else "")]
+        for reason, count in sorted(t.rejected.items(), key=lambda kv: (-kv[1], kv[0])):
+            lines.append(f"    rejected {reason:24} {count}")
+        return lines
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="consumer.py",
+        description="Consume live kiosk events from Kafka into PostgreSQL. Every message gets "
+                    "an outcome (a row or a rejected_event); stopping at any moment and "
+                    "starting again neither loses nor duplicates anything.")
+    parser.add_argument("-l", "--log_output", choices=["console", "file"], default="console",
+                        help="where log lines go: console (stderr) or file (default: console)")
+    parser.add_argument("--log-file", default=None,
+                        help="log file path with -l file (default: logs/consumer.log)")
+    parser.add_argument("--topic", default=None, help="topic to consume (default: $TOPIC or lmnh)")
+    parser.add_argument("--group", default=DEFAULT_GROUP,
+                        help=f"consumer group id (default: {DEFAULT_GROUP})")
+    parser.add_argument("--max-messages", type=int, default=None, metavar="N",
+                        help="stop cleanly after N messages")
+    parser.add_argument("--stop-at-end", action="store_true",
+                        help="stop cleanly once every assigned partition is fully consumed")
+    parser.add_argument("--batch-size", type=int, default=5000,
+                        help="most messages per batch / transaction (default: 5000)")
+    parser.add_argument("--session-timeout-ms", type=int, default=6000,
+                        help="Kafka session timeout; a group join takes about half of it "
+                             "(default: 6000)")
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="serve Prometheus metrics on 127.0.0.1:PORT")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details (DEBUG)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_output, "consumer", args.log_file, args.verbose)
+    secrets: list[str] = []
+    try:
+        if args.max_messages is not None and args.max_messages <= 0:
+            raise SettingsError(f"--max-messages must be positive, got {args.max_messages}")
+        if args.batch_size <= 0:
+            raise SettingsError(f"--batch-size must be positive, got {args.batch_size}")
+        settings = load_settings(read_environment())
+        secrets = settings.secrets()
+        protect_secrets(secrets)
+        local_db = settings.database is None
+        settings = localstack.resolve(settings, ("postgres", "kafka"))
+        conn = load.connect(settings.database)
+        missing = load.missing_tables(conn)
+        if missing and local_db:
+            from pipeline import SCHEMA_FILE
+            log.info("creating the schema in the local database from %s", SCHEMA_FILE.name)
+            load.apply_schema(conn, SCHEMA_FILE.read_text())
+        elif missing:
+            raise FatalError(f"the database has no {', '.join(missing)} table(s): run "
+                             "`bash reset.sh schema.sql` first")
+        conn.close()
+        rules = transform.Rules(opening=settings.opening_time, closing=settings.closing_time)
+        worker = KioskConsumer(settings, args.topic or settings.topic, args.group,
+                               args.max_messages, args.batch_size, args.session_timeout_ms,
+                               args.stop_at_end, Metrics(args.metrics_port), rules)
+        signal.signal(signal.SIGINT, worker.request_stop)
+        signal.signal(signal.SIGTERM, worker.request_stop)
+        log.info("consuming %s as group %s from %s", worker.topic, args.group,
+                 settings.kafka.bootstrap_servers)
+        code = worker.run()
+        for line in worker.summary_lines():
+            log.info(line)
+        return code
+    except SettingsError as exc:
+        log.error("configuration error: %s", redact(str(exc), secrets))
+        return EXIT_CONFIG
+    except (FatalError, load.DatabaseError, localstack.LocalStackError, KafkaException,
+            psycopg2.Error) as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        log.error("consumer stopped: %s", redact(text, secrets))
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Shared fixtures: the real services, started once per session (SPEC §5's local stack).
+
+Every test that needs a database gets a fresh one cloned from a template that has the schema,
+every S3 test its own bucket and every Kafka test its own topic, so tests never see each
+other's rows. The services stay up for the whole session and are stopped at the end only if
+this session started them.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import boto3
+import psycopg2
+import pytest
+from confluent_kafka.admin import AdminClient, NewTopic
+from psycopg2 import sql
+
+import load
+import localstack
+import settings as settings_module
+from settings import DatabaseSettings, KafkaSettings, S3Settings, Settings
+
+PROJECT = Path(__file__).resolve().parent.parent
+TEMPLATE_DB = "lmnh_test_template"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_environment():
+    """Tests see no .env and no service settings from the shell: only what they set."""
+    saved = dict(os.environ)
+    for key in (*settings_module.SERVICE_KEYS, "LMNH_STACK", "TOPIC", "BUCKET"):
+        os.environ.pop(key, None)
+    os.environ["LMNH_ENV_FILE"] = os.devnull
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(scope="session")
+def stack():
+    """The local stack's services (PostgreSQL, moto S3, Tansu Kafka), up for the session."""
+    was_running = {name for name, info in localstack.status().items() if info["running"]}
+    state = localstack.up()
+    yield state
+    if not was_running:
+        localstack.down()
+
+
+def admin_connection(port: int):
+    conn = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres")
+    conn.autocommit = True
+    return conn
+
+
+@pytest.fixture(scope="session")
+def template_db(stack):
+    """A database with schema.sql applied, cloned for each test that needs a database."""
+    port = stack["postgres"]["port"]
+    conn = admin_connection(port)
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
+                    .format(sql.Identifier(TEMPLATE_DB)))
+        cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(TEMPLATE_DB)))
+    conn.close()
+    db = localstack.database_settings(stack["postgres"], TEMPLATE_DB)
+    target = load.connect(db)
+    load.apply_schema(target, (PROJECT / "schema.sql").read_text())
+    target.close()
+    return db
+
+
+@pytest.fixture
+def db(template_db, stack) -> DatabaseSettings:
+    """A fresh database with the schema and master data, dropped after the test."""
+    name = f"t_{uuid.uuid4().hex[:10]}"
+    port = stack["postgres"]["port"]
+    conn = admin_connection(port)
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+            sql.Identifier(name), sql.Identifier(TEMPLATE_DB)))
+    yield localstack.database_settings(stack["postgres"], name)
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    conn.close()
+
+
+@pytest.fixture
+def conn(db):
+    connection = load.connect(db)
+    yield connection
+    connection.close()
+
+
+@pytest.fixture(scope="session")
+def s3_settings(stack) -> S3Settings:
+    return localstack.s3_settings(stack["s3"])
+
+
+@pytest.fixture(scope="session")
+def s3(s3_settings):
+    return boto3.client("s3", endpoint_url=s3_settings.endpoint_url,
+                        aws_access_key_id=s3_settings.access_key,
+                        aws_secret_access_key=s3_settings.secret_key,
+                        region_name=s3_settings.region)
+
+
+@pytest.fixture
+def bucket(s3) -> str:
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    s3.create_bucket(Bucket=name, CreateBucketConfiguration={"LocationConstraint": "eu-west-2"})
+    return name
+
+
+@pytest.fixture(scope="session")
+def kafka_settings(stack) -> KafkaSettings:
+    return localstack.kafka_settings(stack["kafka"])
+
+
+def create_topic(kafka: KafkaSettings, partitions: int = 1) -> str:
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    admin = AdminClient(kafka.client_config())
+    admin.create_topics([NewTopic(name, partitions, 1)])[name].result(timeout=15)
+    return name
+
+
+@pytest.fixture
+def topic(kafka_settings) -> str:
+    return create_topic(kafka_settings, 1)
+
+
+@pytest.fixture
+def settings(db, s3_settings, kafka_settings) -> Settings:
+    return Settings(database=db, s3=s3_settings, kafka=kafka_settings)
+
+
+@pytest.fixture
+def service_env(monkeypatch, db, s3_settings, kafka_settings):
+    """Point the entry points (main(argv)) at this test's database, S3 and Kafka."""
+    values = {"DB_HOST": db.host, "DB_PORT": str(db.port), "DB_NAME": db.name,
+              "DB_USER": db.user, "AWS_ENDPOINT_URL_S3": s3_settings.endpoint_url,
+              "AWS_ACCESS_KEY": s3_settings.access_key,
+              "AWS_SECRET_ACCESS_KEY": s3_settings.secret_key,
+              "BOOTSTRAP_SERVERS": kafka_settings.bootstrap_servers}
+    for key, value in values.items():
+        monkeypatch.setenv(key, value)
+    return values

@@ -1,0 +1,29 @@
+"""Small assertions helpers shared by the tests (fixtures live in conftest.py)."""
+from __future__ import annotations
+
+
+def scalar(conn, query: str, params=None):
+    """One value from a query; the read transaction is ended so later writes are seen."""
+    with conn.cursor() as cur:
+        cur.execute(query, params)
+        value = cur.fetchone()[0]
+    conn.rollback()
+    return value
+
+
+def rows(conn, query: str, params=None) -> list[tuple]:
+    with conn.cursor() as cur:
+        cur.execute(query, params)
+        out = cur.fetchall()
+    conn.rollback()
+    return out
+
+
+def table_counts(conn) -> dict[str, int]:
+    """Rows in each event table: what a run stored and rejected."""
+    return {t: scalar(conn, f"SELECT count(*) FROM {t}")  # noqa: S608 - fixed table names
+            for t in ("rating_interaction", "request_interaction", "rejected_event")}
+
+
+def reason_counts(conn) -> dict[str, int]:
+    return dict(rows(conn, "SELECT reason, count(*) FROM rejected_event GROUP BY reason"))

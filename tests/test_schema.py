@@ -1,0 +1,83 @@
+"""schema.sql: applies twice cleanly, seeds the master data, makes impossible rows impossible."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import psycopg2
+import pytest
+
+import load
+from helpers import rows, scalar
+
+SCHEMA = (Path(__file__).resolve().parent.parent / "schema.sql").read_text()
+MASTER = ("SELECT public_id, site, exhibition_name, department_name, floor_name, "
+          "exhibition_start_date::text FROM exhibition_info ORDER BY public_id")
+
+
+def test_schema_applies_again_without_changing_master_data(conn):
+    before = rows(conn, MASTER), rows(conn, "SELECT * FROM rating ORDER BY rating_id"), \
+        rows(conn, "SELECT * FROM request ORDER BY request_id")
+    load.apply_schema(conn, SCHEMA)
+    load.apply_schema(conn, SCHEMA)
+    after = rows(conn, MASTER), rows(conn, "SELECT * FROM rating ORDER BY rating_id"), \
+        rows(conn, "SELECT * FROM request ORDER BY request_id")
+    assert after == before
+
+
+def test_seed_holds_the_six_real_exhibitions(conn):
+    master = rows(conn, MASTER)
+    assert [r[0] for r in master] == [f"EXH_0{i}" for i in range(6)]
+    assert master[3] == ("EXH_03", 3, "Cetacean Sensations", "Zoology", "1", "2019-07-01")
+    assert master[0][2] == "Measureless to Man"
+    assert rows(conn, "SELECT rating_value, rating_description FROM rating ORDER BY 1") == [
+        (0, "Terrible"), (1, "Bad"), (2, "Neutral"), (3, "Good"), (4, "Amazing")]
+    assert rows(conn, "SELECT request_value, request_description FROM request ORDER BY 1") == [
+        (0, "Assistance"), (1, "Emergency")]
+
+
+def test_applying_schema_restores_edited_master_data(conn):
+    with load.transaction(conn) as cur:
+        cur.execute("UPDATE rating SET rating_description = 'Meh' WHERE rating_value = 2")
+    load.apply_schema(conn, SCHEMA)
+    assert scalar(conn, "SELECT rating_description FROM rating WHERE rating_value = 2") == "Neutral"
+
+
+def test_seed_views_exist(conn):
+    views = {r[0] for r in rows(conn, "SELECT table_name FROM information_schema.views "
+                                      "WHERE table_schema = 'public'")}
+    assert {"exhibition_info", "request_info", "rating_info"} <= views
+
+
+@pytest.mark.parametrize("statement", [
+    # unknown exhibition
+    "INSERT INTO rating_interaction (exhibition_id, rating_id, event_at, source_id, position) "
+    "VALUES (999, 1, now(), {src}, 1)",
+    # no timestamp
+    "INSERT INTO rating_interaction (exhibition_id, rating_id, event_at, source_id, position) "
+    "VALUES (1, 1, NULL, {src}, 1)",
+    # the same event twice
+    "INSERT INTO request_interaction (exhibition_id, request_id, event_at, source_id, position) "
+    "VALUES (1, 1, now(), {src}, 7), (1, 1, now(), {src}, 7)",
+    # an exhibition whose site disagrees with its id
+    "INSERT INTO exhibition (exhibition_name, exhibition_description, department_id, floor_id, "
+    "exhibition_start_date, public_id, site) VALUES ('x', 'y', 1, 1, '2020-01-01', 'EXH_09', 8)",
+    # a rejection with no reason code
+    "INSERT INTO rejected_event (source, locator, payload, reason, detail, source_id, position) "
+    "VALUES ('s3://b/k', '2', 'x', '', 'd', {src}, 2)",
+    # a load record that does not add up
+    "INSERT INTO s3_object_load (source_id, etag, complete, events_read, events_stored, "
+    "events_rejected) VALUES ({src}, 'e', true, 10, 5, 4)",
+])
+def test_impossible_rows_are_refused(conn, statement):
+    with load.transaction(conn) as cur:
+        src = load.source_id(cur, "s3", "s3://bucket/key.csv")
+    with pytest.raises(psycopg2.IntegrityError):
+        with load.transaction(conn) as cur:
+            cur.execute(statement.format(src=src))
+
+
+def test_interaction_keys_are_bigint(conn):
+    types = dict(rows(conn, "SELECT table_name, data_type FROM information_schema.columns "
+                            "WHERE column_name IN ('rating_interaction_id', "
+                            "'request_interaction_id') AND table_name LIKE '%interaction'"))
+    assert types == {"rating_interaction": "bigint", "request_interaction": "bigint"}
