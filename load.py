@@ -10,8 +10,8 @@ import csv
 import io
 import logging
 import struct
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -119,11 +119,19 @@ ON CONFLICT (public_id) DO UPDATE SET
     department_id = EXCLUDED.department_id,
     floor_id = EXCLUDED.floor_id,
     exhibition_start_date = EXCLUDED.exhibition_start_date
+WHERE (exhibition.exhibition_name, exhibition.exhibition_description, exhibition.department_id,
+       exhibition.floor_id, exhibition.exhibition_start_date)
+      IS DISTINCT FROM (EXCLUDED.exhibition_name, EXCLUDED.exhibition_description,
+                        EXCLUDED.department_id, EXCLUDED.floor_id,
+                        EXCLUDED.exhibition_start_date)
 RETURNING (xmax = 0) AS inserted"""
 
 
-def upsert_exhibition(cur, exhibition: Exhibition) -> bool:
-    """Insert or update one exhibition with its department and floor; True when it is new."""
+def upsert_exhibition(cur, exhibition: Exhibition) -> str:
+    """Insert or update one exhibition with its department and floor.
+
+    Returns "added", "updated" or "unchanged", so the run log says what really changed.
+    """
     cur.execute(UPSERT_DEPARTMENT, (exhibition.department,))
     department_id = cur.fetchone()[0]
     cur.execute(UPSERT_FLOOR, (exhibition.floor,))
@@ -132,7 +140,10 @@ def upsert_exhibition(cur, exhibition: Exhibition) -> bool:
                                     "department_id": department_id, "floor_id": floor_id,
                                     "start_date": exhibition.start_date,
                                     "public_id": exhibition.public_id, "site": exhibition.site})
-    return bool(cur.fetchone()[0])
+    row = cur.fetchone()
+    if row is None:
+        return "unchanged"
+    return "added" if row[0] else "updated"
 
 
 # --------------------------------------------------------------------------- provenance
@@ -218,7 +229,8 @@ COPY_RATINGS = ("COPY rating_interaction (exhibition_id, rating_id, event_at, so
 COPY_REQUESTS = ("COPY request_interaction (exhibition_id, request_id, event_at, source_id, "
                  "position) FROM STDIN WITH (FORMAT binary)")
 COPY_REJECTIONS = ("COPY rejected_event (source, locator, payload, reason, detail, source_id, "
-                   "position) FROM STDIN WITH (FORMAT csv)")
+                   "position) FROM STDIN WITH (FORMAT csv, "
+                   "FORCE_NOT_NULL (source, locator, payload, reason, detail))")
 
 
 def copy_ratings(cur, frame: pd.DataFrame, source: int) -> int:
@@ -235,7 +247,10 @@ def copy_requests(cur, frame: pd.DataFrame, source: int) -> int:
 
 
 def copy_rejections(cur, frame: pd.DataFrame, source_text: str, source: int) -> int:
-    """Rejections are few and carry free text, so CSV (which quotes anything) is the format."""
+    """Rejections are few and carry free text, so CSV (which quotes anything) is the format.
+
+    FORCE_NOT_NULL keeps an empty payload (an empty Kafka message) an empty string, not NULL.
+    """
     if not len(frame):
         return 0
     buffer = io.StringIO()

@@ -23,12 +23,19 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
-from settings import (DEFAULT_DB_NAME, PROJECT_DIR, DatabaseSettings, KafkaSettings,
-                      S3Settings, Settings, SettingsError)
+from settings import (
+    DEFAULT_DB_NAME,
+    PROJECT_DIR,
+    DatabaseSettings,
+    KafkaSettings,
+    S3Settings,
+    Settings,
+    SettingsError,
+)
 
 log = logging.getLogger("localstack")
 
@@ -136,7 +143,7 @@ def _let_user_reach(path: Path, user: str) -> None:
         mode = parent.stat().st_mode
         if not mode & 0o001:
             parent.chmod(mode | 0o001)
-    for root, dirs, files in os.walk(path):
+    for root, _dirs, files in os.walk(path):
         os.chown(root, entry.pw_uid, entry.pw_gid)
         for name in files:
             os.chown(os.path.join(root, name), entry.pw_uid, entry.pw_gid)

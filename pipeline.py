@@ -13,11 +13,10 @@ import logging
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from pathlib import Path
-from typing import Iterator
+from datetime import UTC, datetime
 
 import psycopg2
 
@@ -26,8 +25,15 @@ import load
 import localstack
 import transform
 from logsetup import protect_secrets, setup_logging
-from settings import (DEFAULT_BUCKET, PROJECT_DIR, Settings, SettingsError, load_settings,
-                      read_environment, redact)
+from settings import (
+    DEFAULT_BUCKET,
+    PROJECT_DIR,
+    Settings,
+    SettingsError,
+    load_settings,
+    read_environment,
+    redact,
+)
 
 log = logging.getLogger("pipeline")
 
@@ -45,7 +51,7 @@ class RunSummary:
     objects_failed: list[tuple[str, str]] = field(default_factory=list)
     objects_ignored: int = 0
     exhibitions_loaded: int = 0
-    exhibitions_new: int = 0
+    exhibitions_changed: Counter = field(default_factory=Counter)
     exhibitions_failed: list[tuple[str, str]] = field(default_factory=list)
     events_read: int = 0
     ratings_stored: int = 0
@@ -68,7 +74,9 @@ class RunSummary:
                f"  kiosk objects   {self.objects_seen} seen, {self.objects_loaded} loaded, "
                f"{self.objects_skipped} skipped (unchanged), {len(self.objects_failed)} failed; "
                f"{self.objects_ignored} other objects ignored",
-               f"  exhibitions     {self.exhibitions_loaded} loaded ({self.exhibitions_new} new), "
+               f"  exhibitions     {self.exhibitions_loaded} loaded ("
+               f"{self.exhibitions_changed['added']} added, "
+               f"{self.exhibitions_changed['updated']} updated), "
                f"{len(self.exhibitions_failed)} malformed and skipped",
                f"  events          {self.events_read} read = {self.events_stored} stored "
                f"({self.ratings_stored} ratings, {self.requests_stored} requests) + "
@@ -124,7 +132,7 @@ def load_exhibitions(conn, client, objects: list[extract.S3Object], summary: Run
         try:
             exhibition = transform.parse_exhibition(extract.read_object_bytes(client, obj))
             with unit_of_work(conn, dry_run) as cur:
-                new = load.upsert_exhibition(cur, exhibition)
+                change = load.upsert_exhibition(cur, exhibition)
         except transform.ExhibitionError as exc:
             log.warning("skipped malformed exhibition object %s: %s", obj.uri, exc)
             summary.exhibitions_failed.append((obj.key, str(exc)))
@@ -135,9 +143,10 @@ def load_exhibitions(conn, client, objects: list[extract.S3Object], summary: Run
             summary.exhibitions_failed.append((obj.key, why))
             continue
         summary.exhibitions_loaded += 1
-        summary.exhibitions_new += int(new)
-        log.info("%s exhibition %s (site %d, %s) from %s", "added" if new else "updated",
-                 exhibition.public_id, exhibition.site, exhibition.name, obj.key)
+        summary.exhibitions_changed[change] += 1
+        log.log(logging.DEBUG if change == "unchanged" else logging.INFO,
+                "%s exhibition %s (site %d, %s) from %s", change, exhibition.public_id,
+                exhibition.site, exhibition.name, obj.key)
 
 
 @dataclass
@@ -165,7 +174,7 @@ def load_kiosk_object(conn, client, obj: extract.S3Object, rules: transform.Rule
         if previous:
             load.delete_source_rows(cur, source)
         master = load.read_master_data(cur)
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         opened = extract.open_kiosk_object(client, obj)
         header_error = None
         for first_line, lines in opened.chunks:

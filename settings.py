@@ -8,10 +8,10 @@ from the local stack (`localstack.py`).
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import time
 from pathlib import Path
-from typing import Mapping
 
 from dotenv import dotenv_values
 
@@ -92,7 +92,7 @@ class Settings:
                   self.kafka.password if self.kafka else None]
         return [v for v in values if v and len(v) >= 3]
 
-    def with_services(self, **services) -> "Settings":
+    def with_services(self, **services) -> Settings:
         return replace(self, **services)
 
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import csv
 import json
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, time, timedelta, timezone
-from typing import Any, Iterable, Sequence
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
 
 import numpy as np
 import orjson
@@ -280,7 +281,7 @@ def _time_ns(t: time) -> int:
 def validate_events(events: pd.DataFrame, master: MasterData, rules: Rules,
                     now: datetime | None = None) -> Outcome:
     """Apply SPEC §2 to every event; each gets exactly one outcome (first failing rule wins)."""
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     n = len(events)
     at_missing = _is_missing_text(events["at"])
     utc_ns, tod_ns = _timestamps(events["at"], at_missing, rules.zone)
