@@ -29,7 +29,9 @@ def setup_logging(output: str, name: str, log_file: str | None = None, verbose: 
     """Send the root logger to the console (stderr) or to logs/<name>.log; return the file."""
     root = logging.getLogger()
     for handler in list(root.handlers):
-        root.removeHandler(handler)
+        if getattr(handler, "lmnh", False):  # ours from an earlier call; leave others alone
+            root.removeHandler(handler)
+            handler.close()
     path = None
     if output == "file":
         path = Path(log_file) if log_file else PROJECT_DIR / "logs" / f"{name}.log"
@@ -38,6 +40,7 @@ def setup_logging(output: str, name: str, log_file: str | None = None, verbose: 
     else:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.lmnh = True
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
@@ -48,4 +51,5 @@ def setup_logging(output: str, name: str, log_file: str | None = None, verbose: 
 def protect_secrets(secrets: list[str]) -> None:
     """Attach the redacting filter to every handler once the secrets are known."""
     for handler in logging.getLogger().handlers:
-        handler.addFilter(RedactingFilter(secrets))
+        if getattr(handler, "lmnh", False):
+            handler.addFilter(RedactingFilter(secrets))

@@ -1,0 +1,242 @@
+"""pipeline.py end to end: a real S3 endpoint (moto server) into a real PostgreSQL."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+import pipeline
+import sample_data
+from helpers import reason_counts, rows, scalar, table_counts
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def put(s3, bucket: str, key: str, body: bytes | str) -> None:
+    s3.put_object(Bucket=bucket, Key=key, Body=body.encode() if isinstance(body, str) else body)
+
+
+def expected_outcomes(bodies: list[bytes]) -> Counter:
+    total = Counter()
+    for body in bodies:
+        total.update(sample_data.expected_reasons(body))
+    return total
+
+
+def stored_outcomes(conn) -> Counter:
+    counts = table_counts(conn)
+    out = Counter(reason_counts(conn))
+    out["rating"] = counts["rating_interaction"]
+    out["request"] = counts["request_interaction"]
+    return +out
+
+
+def seed(s3, bucket: str, objects: int = 3, rows_per_object: int = 2000) -> list[bytes]:
+    sample_data.seed_bucket(s3, bucket, objects=objects, rows=rows_per_object, seed=7)
+    return [s3.get_object(Bucket=bucket, Key=sample_data.kiosk_key(i))["Body"].read()
+            for i in range(objects)]
+
+
+def run(*argv: str) -> int:
+    return pipeline.main([*argv, "--no-progress"])
+
+
+def test_generated_bucket_lands_exactly_and_conserves_events(s3, bucket, service_env, conn, capsys):
+    bodies = seed(s3, bucket)
+    assert run("-b", bucket) == 0
+    expected = expected_outcomes(bodies)
+    assert stored_outcomes(conn) == +expected
+    out = capsys.readouterr().out
+    read = sum(expected.values())
+    stored = expected["rating"] + expected["request"]
+    assert f"{read} read = {stored} stored" in out
+    assert "3 seen, 3 loaded, 0 skipped" in out
+    # conservation per object, recorded with the load
+    for events_read, stored_n, rejected, complete in rows(
+            conn, "SELECT events_read, events_stored, events_rejected, complete FROM s3_object_load"):
+        assert events_read == stored_n + rejected == 2000 and complete
+    # every rejection says where it came from
+    source, locator, payload = rows(conn, "SELECT source, locator, payload FROM rejected_event "
+                                          "ORDER BY rejected_event_id LIMIT 1")[0]
+    assert source.startswith(f"s3://{bucket}/lmnh_hist_data_")
+    key = source.rsplit("/", 1)[1]
+    body = bodies[int(key.split("_")[-1].split(".")[0])].decode()
+    assert body.split("\n")[int(locator) - 1] == payload
+
+
+def test_rerun_adds_nothing(s3, bucket, service_env, conn, capsys):
+    seed(s3, bucket)
+    assert run("-b", bucket) == 0
+    before = table_counts(conn)
+    assert run("-b", bucket) == 0
+    assert table_counts(conn) == before
+    assert "0 loaded, 3 skipped (unchanged)" in capsys.readouterr().out
+
+
+def test_changed_object_replaces_its_rows(s3, bucket, service_env, conn):
+    bodies = seed(s3, bucket)
+    assert run("-b", bucket) == 0
+    new_body = sample_data.generate_kiosk_csv(500, seed=99)
+    put(s3, bucket, sample_data.kiosk_key(1), new_body)
+    assert run("-b", bucket) == 0
+    assert stored_outcomes(conn) == +expected_outcomes([bodies[0], new_body, bodies[2]])
+    assert scalar(conn, "SELECT events_read FROM s3_object_load JOIN event_source USING (source_id) "
+                        "WHERE uri LIKE %s", ("%lmnh_hist_data_1.csv",)) == 500
+
+
+def test_new_exhibition_file_makes_its_site_valid_in_the_same_run(s3, bucket, service_env, conn):
+    record = {"EXHIBITION_NAME": "Deep Sea", "EXHIBITION_ID": "EXH_07", "FLOOR": "Vault",
+              "DEPARTMENT": "Marine Biology", "START_DATE": "01/01/24", "DESCRIPTION": "Abyss."}
+    put(s3, bucket, "lmnh_exhibition_deepsea.json", sample_data.exhibition_json(record))
+    put(s3, bucket, "lmnh_hist_data_0.csv",
+        "at,site,val,type\n2023-03-06 10:00:00,7,3,\n2023-03-06 10:00:01,8,3,\n")
+    assert run("-b", bucket) == 0
+    assert rows(conn, "SELECT exhibition_name, department_name, floor_name FROM exhibition_info "
+                      "WHERE public_id = 'EXH_07'") == [("Deep Sea", "Marine Biology", "Vault")]
+    assert rows(conn, "SELECT public_id FROM rating_info") == [("EXH_07",)]
+    assert reason_counts(conn) == {"unknown_site": 1}
+
+
+def test_malformed_exhibition_is_reported_and_skipped(s3, bucket, service_env, conn, capsys):
+    seed(s3, bucket, objects=1, rows_per_object=100)
+    put(s3, bucket, "lmnh_exhibition_broken.json", '{"EXHIBITION_NAME": "Half", "EXHIBITION_ID": ')
+    put(s3, bucket, "lmnh_exhibition_nodate.json",
+        '{"EXHIBITION_NAME": "X", "EXHIBITION_ID": "EXH_08", "FLOOR": "1", "DEPARTMENT": "D", '
+        '"START_DATE": "2020-01-01", "DESCRIPTION": "d"}')
+    assert run("-b", bucket) == 0
+    captured = capsys.readouterr()
+    assert "2 malformed and skipped" in captured.out
+    assert "skipped exhibition lmnh_exhibition_broken.json: not UTF-8 JSON" in captured.out
+    assert "START_DATE '2020-01-01' is not DD/MM/YY" in captured.err
+    assert scalar(conn, "SELECT count(*) FROM exhibition") == 6
+    assert sum(table_counts(conn).values()) == 100
+
+
+def test_decoys_are_ignored(s3, bucket, service_env, conn, capsys):
+    seed(s3, bucket, objects=1, rows_per_object=50)
+    assert run("-b", bucket) == 0
+    assert f"{len(sample_data.DECOY_OBJECTS)} other objects ignored" in capsys.readouterr().out
+    assert scalar(conn, "SELECT count(*) FROM exhibition") == 6
+
+
+def test_num_rows_loads_only_the_first_rows_and_a_full_run_completes(s3, bucket, service_env, conn):
+    bodies = seed(s3, bucket, objects=2, rows_per_object=1000)
+    assert run("-b", bucket, "-n", "1500") == 0
+    assert sum(table_counts(conn).values()) == 1500
+    assert rows(conn, "SELECT complete, events_read FROM s3_object_load ORDER BY source_id") == [
+        (True, 1000), (False, 500)]
+    lines = scalar(conn, "SELECT max(position) FROM (SELECT position, source_id FROM rating_interaction "
+                         "UNION ALL SELECT position, source_id FROM rejected_event "
+                         "UNION ALL SELECT position, source_id FROM request_interaction) e "
+                         "JOIN event_source USING (source_id) WHERE uri LIKE '%data_1.csv'")
+    assert lines == 501  # header is line 1
+    assert run("-b", bucket) == 0
+    assert stored_outcomes(conn) == +expected_outcomes(bodies)
+
+
+def test_dry_run_writes_nothing_but_reports_what_would_land(s3, bucket, service_env, conn, capsys):
+    bodies = seed(s3, bucket, objects=2, rows_per_object=800)
+    assert run("-b", bucket, "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "DRY RUN" in out
+    assert sum(table_counts(conn).values()) == 0
+    assert scalar(conn, "SELECT count(*) FROM s3_object_load") == 0
+    expected = expected_outcomes(bodies)
+    assert f"{sum(expected.values())} read = {expected['rating'] + expected['request']} stored" in out
+
+
+def test_two_concurrent_runs_load_each_object_once(s3, bucket, service_env, conn):
+    bodies = seed(s3, bucket, objects=6, rows_per_object=20000)
+    env = {**os.environ, **service_env}
+    procs = [subprocess.Popen([sys.executable, "pipeline.py", "-b", bucket, "--no-progress"],
+                              cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert stored_outcomes(conn) == +expected_outcomes(bodies)
+    loaded = sum(int(out.split(" loaded, ")[0].split()[-1]) for out, _ in outputs)
+    assert loaded == 6  # between them, each object loaded exactly once
+    assert scalar(conn, "SELECT count(*) FROM s3_object_load") == 6
+
+
+def test_wrong_header_rejects_every_line_and_other_objects_load(s3, bucket, service_env, conn):
+    put(s3, bucket, "lmnh_hist_data_0.csv", "when,where,what,kind\n2023-03-06 10:00:00,1,3,\n")
+    put(s3, bucket, "lmnh_hist_data_1.csv", "at,site,val,type\n2023-03-06 10:00:00,1,3,\n")
+    assert run("-b", bucket) == 0
+    assert reason_counts(conn) == {"bad_header": 2}
+    assert table_counts(conn)["rating_interaction"] == 1
+
+
+def test_crlf_bom_blank_lines_and_no_final_newline(s3, bucket, service_env, conn):
+    body = ("\ufeffat,site,val,type\r\n2023-03-06 08:45:00,1,3,\r\n\r\n"
+            "2023-03-06 18:15:00,2,-1,1.0\r\n2023-03-06 18:15:01,2,4,\r\n\r\n\r\n"
+            "2023-03-06 12:00:00,3,0,")
+    put(s3, bucket, "lmnh_hist_data_0.csv", body.encode("utf-8"))
+    assert run("-b", bucket) == 0
+    assert rows(conn, "SELECT position, rating_value FROM rating_info JOIN rating_interaction "
+                      "USING (rating_interaction_id) ORDER BY position") == [(2, 3), (8, 0)]
+    assert rows(conn, "SELECT request_description, to_char(event_at, 'HH24:MI:SS') "
+                      "FROM request_info") == [("Emergency", "18:15:00")]
+    assert rows(conn, "SELECT locator, reason, payload FROM rejected_event") == [
+        ("5", "outside_opening_hours", "2023-03-06 18:15:01,2,4,")]
+
+
+def test_event_times_are_stored_as_london_instants(s3, bucket, service_env, conn):
+    put(s3, bucket, "lmnh_hist_data_0.csv",
+        "at,site,val,type\n2023-03-06 09:00:00,1,3,\n2023-07-06 09:00:00,1,3,\n")
+    assert run("-b", bucket) == 0
+    assert rows(conn, "SELECT to_char(event_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI') "
+                      "FROM rating_interaction ORDER BY position") == [
+        ("2023-03-06 09:00",), ("2023-07-06 08:00",)]
+
+
+def test_identical_rows_are_two_events(s3, bucket, service_env, conn):
+    put(s3, bucket, "lmnh_hist_data_0.csv",
+        "at,site,val,type\n2023-03-06 10:00:00,1,3,\n2023-03-06 10:00:00,1,3,\n")
+    assert run("-b", bucket) == 0
+    assert table_counts(conn)["rating_interaction"] == 2
+
+
+def test_missing_bucket_is_one_line_and_exit_1(service_env, capsys):
+    assert run("-b", "no-such-bucket-lmnh") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 or all("localstack" in line for line in err[:-1])
+    assert "cannot list bucket no-such-bucket-lmnh: does not exist" in err[-1]
+    assert "Traceback" not in "\n".join(err)
+
+
+def test_unreachable_database_is_one_line_and_exit_1(service_env, bucket, monkeypatch, capsys):
+    from localstack import free_port
+    monkeypatch.setenv("DB_PORT", str(free_port()))
+    monkeypatch.setenv("DB_PASS", "s3cr3t-db-pass")
+    assert run("-b", bucket) == 1
+    err = capsys.readouterr().err
+    assert "run failed: cannot connect to PostgreSQL at postgres@127.0.0.1:" in err
+    assert "Traceback" not in err and "s3cr3t-db-pass" not in err
+
+
+def test_bad_setting_is_one_line_naming_it(service_env, monkeypatch, capsys):
+    monkeypatch.setenv("DB_PORT", "five")
+    assert run() == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "DB_PORT" in err[0] and "Traceback" not in err[0]
+
+
+def test_log_output_file(s3, bucket, service_env, tmp_path, capsys):
+    seed(s3, bucket, objects=1, rows_per_object=10)
+    log_file = tmp_path / "run.log"
+    assert run("-b", bucket, "-l", "file", "--log-file", str(log_file)) == 0
+    assert "loaded s3://" in log_file.read_text()
+    assert "loaded s3://" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["-b", "--bucket", "-n", "--num_rows", "-l", "--log_output",
+                                  "--dry-run", "{console,file}"])
+def test_help_shows_the_spec_flags(flag):
+    result = subprocess.run([sys.executable, "pipeline.py", "--help"], cwd=PROJECT,
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and flag in result.stdout
