@@ -130,7 +130,7 @@ def _pg_user() -> str | None:
     try:
         pwd.getpwnam(PG_SYSTEM_USER)
     except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+        subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--shell", "/usr/sbin/nologin",
                         PG_SYSTEM_USER], check=True, capture_output=True)
     return PG_SYSTEM_USER
 
@@ -154,8 +154,16 @@ def _let_user_reach(path: Path, user: str) -> None:
             parent.chmod(mode | 0o005)
 
 
+def _as_user(user: str | None) -> dict:
+    """subprocess arguments to run as `user` with its own group only: with root's group kept,
+    a root-owned folder's group bits (often none) would deny what its "other" bits allow."""
+    if user is None:
+        return {}
+    return {"user": user, "group": user, "extra_groups": []}
+
+
 def _pg_ctl(args: list[str], data: Path, user: str | None, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([str(_pg_bin() / "pg_ctl"), "-D", str(data), *args], user=user,
+    return subprocess.run([str(_pg_bin() / "pg_ctl"), "-D", str(data), *args], **_as_user(user),
                           capture_output=True, text=True, **kwargs)
 
 
@@ -170,9 +178,11 @@ def _start_postgres(state_dir: Path, previous: dict) -> dict:
         data.mkdir(parents=True, mode=0o700)
         if user:
             _let_user_reach(home, user)
-        subprocess.run([str(_pg_bin() / "initdb"), "-D", str(data), "-U", "postgres",
-                        "--auth=trust", "--encoding=UTF8", "--locale=C.UTF-8"],
-                       user=user, check=True, capture_output=True)
+        result = subprocess.run([str(_pg_bin() / "initdb"), "-D", str(data), "-U", "postgres",
+                                 "--auth=trust", "--encoding=UTF8", "--locale=C.UTF-8"],
+                                **_as_user(user), capture_output=True, text=True, cwd=home)
+        if result.returncode != 0:
+            raise LocalStackError(f"initdb failed in {data}: {result.stderr.strip()}")
     port = previous.get("port")
     if not port or port_open(port):
         port = free_port()

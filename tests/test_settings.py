@@ -1,0 +1,94 @@
+"""settings.py: names from SPEC §4, one clear line per bad setting, secrets kept out of sight."""
+from __future__ import annotations
+
+from datetime import time
+
+import pytest
+
+from settings import SettingsError, load_settings, read_environment, redact
+
+
+def test_nothing_configured_means_local_stack_everywhere():
+    s = load_settings({})
+    assert (s.database, s.s3, s.kafka) == (None, None, None)
+    assert s.topic == "lmnh"
+    assert (s.opening_time, s.closing_time) == (time(8, 45), time(18, 15))
+
+
+def test_seed_names_are_read():
+    s = load_settings({"DB_HOST": "db.example", "DB_PORT": "6543", "DB_NAME": "museum",
+                       "DB_USER": "loader", "DB_PASS": "pw-123", "AWS_ACCESS_KEY": "AKIA1",
+                       "AWS_SECRET_ACCESS_KEY": "sk-456", "BOOTSTRAP_SERVERS": "b1:9092,b2:9092",
+                       "SECURITY_PROTOCOL": "SASL_SSL", "SASL_MECHANISM": "PLAIN",
+                       "USERNAME": "kuser", "PASSWORD": "kp-789", "TOPIC": "lmnh2"})
+    assert (s.database.host, s.database.port, s.database.user) == ("db.example", 6543, "loader")
+    assert s.s3.access_key == "AKIA1" and s.s3.endpoint_url is None
+    assert s.kafka.client_config()["sasl.username"] == "kuser"
+    assert s.kafka.client_config()["security.protocol"] == "SASL_SSL"
+    assert s.topic == "lmnh2"
+    assert sorted(s.secrets()) == ["kp-789", "pw-123", "sk-456"]
+
+
+def test_standard_aws_names_and_endpoint():
+    s = load_settings({"AWS_ACCESS_KEY_ID": "AKIA2", "AWS_SECRET_ACCESS_KEY": "x" * 8,
+                       "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9000"})
+    assert s.s3.access_key == "AKIA2" and s.s3.endpoint_url == "http://127.0.0.1:9000"
+
+
+def test_secrets_are_not_in_repr():
+    s = load_settings({"DB_HOST": "h", "DB_USER": "u", "DB_PASS": "hunter2-secret",
+                       "AWS_ACCESS_KEY": "a", "AWS_SECRET_ACCESS_KEY": "aws-secret-value",
+                       "BOOTSTRAP_SERVERS": "h:1", "SECURITY_PROTOCOL": "SASL_SSL",
+                       "USERNAME": "u", "PASSWORD": "kafka-secret-value"})
+    text = repr(s)
+    for secret in ("hunter2-secret", "aws-secret-value", "kafka-secret-value"):
+        assert secret not in text
+    assert "hunter2-secret" not in s.database.describe()
+
+
+@pytest.mark.parametrize("env, name", [
+    ({"DB_HOST": "h", "DB_USER": "u", "DB_PORT": "54x"}, "DB_PORT"),
+    ({"DB_HOST": "h", "DB_USER": "u", "DB_PORT": "70000"}, "DB_PORT"),
+    ({"DB_HOST": "h"}, "DB_USER"),
+    ({"DB_USER": "u", "DB_PASS": "p"}, "DB_HOST"),
+    ({"AWS_ACCESS_KEY": "a"}, "AWS_SECRET_ACCESS_KEY"),
+    ({"AWS_ENDPOINT_URL_S3": "localhost:9000"}, "AWS_ENDPOINT_URL_S3"),
+    ({"BOOTSTRAP_SERVERS": "nohostport"}, "BOOTSTRAP_SERVERS"),
+    ({"BOOTSTRAP_SERVERS": "h:1", "SECURITY_PROTOCOL": "TLS"}, "SECURITY_PROTOCOL"),
+    ({"BOOTSTRAP_SERVERS": "h:1", "SECURITY_PROTOCOL": "SASL_SSL", "SASL_MECHANISM": "GSSAPI",
+      "USERNAME": "u", "PASSWORD": "p"}, "SASL_MECHANISM"),
+    ({"BOOTSTRAP_SERVERS": "h:1", "SECURITY_PROTOCOL": "SASL_SSL", "PASSWORD": "p"}, "USERNAME"),
+    ({"OPENING_TIME": "quarter to nine"}, "OPENING_TIME"),
+    ({"OPENING_TIME": "19:00", "CLOSING_TIME": "18:00"}, "CLOSING_TIME"),
+])
+def test_bad_setting_is_one_line_naming_it(env, name):
+    with pytest.raises(SettingsError) as info:
+        load_settings(env)
+    message = str(info.value)
+    assert name in message and "\n" not in message
+
+
+def test_bad_setting_message_never_contains_the_password():
+    with pytest.raises(SettingsError) as info:
+        load_settings({"DB_HOST": "h", "DB_PASS": "topsecret-pass"})
+    assert "topsecret-pass" not in str(info.value)
+
+
+def test_environment_wins_over_env_file(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("DB_HOST=from-file\nDB_USER=file-user\nTOPIC=file-topic\n")
+    values = read_environment(env_file, {"DB_HOST": "from-env"})
+    assert values["DB_HOST"] == "from-env" and values["DB_USER"] == "file-user"
+
+
+def test_local_stack_switch_ignores_service_settings(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("DB_HOST=prod.rds\nDB_USER=u\nBOOTSTRAP_SERVERS=prod:9092\nTOPIC=t\n")
+    values = read_environment(env_file, {"LMNH_STACK": "local"})
+    s = load_settings(values)
+    assert (s.database, s.kafka) == (None, None) and s.topic == "t"
+
+
+def test_redact_replaces_every_secret():
+    assert redact("user x password pw1 and pw1 again key k2", ["pw1", "k2"]) == \
+        "user x password *** and *** again key ***"
