@@ -5,9 +5,9 @@ from pathlib import Path
 
 import psycopg2
 import pytest
-from helpers import rows, scalar
 
 import load
+from helpers import rows, scalar
 
 SCHEMA = (Path(__file__).resolve().parent.parent / "schema.sql").read_text()
 MASTER = ("SELECT public_id, site, exhibition_name, department_name, floor_name, "
