@@ -213,7 +213,8 @@ def load_kiosk_object(conn, client, obj: extract.S3Object, rules: transform.Rule
 
 def _reject_all(parsed: transform.ParsedEvents, why: str):
     """With a wrong header no line can be trusted: every one is kept as a `bad_header` rejection."""
-    events = parsed.events[["position", "locator", "payload"]].copy()
+    events = parsed.events[["position", "payload"]].copy()
+    events.insert(1, "locator", events["position"].astype(str))
     events["reason"] = "bad_header"
     events["detail"] = why
     return transform.concat_rejections([events, parsed.rejections.assign(reason="bad_header",

@@ -23,7 +23,7 @@ import settings as settings_module
 from settings import DatabaseSettings, KafkaSettings, S3Settings, Settings
 
 PROJECT = Path(__file__).resolve().parent.parent
-TEMPLATE_DB = "lmnh_test_template"
+TEMPLATE_DB = f"lmnh_test_template_{os.getpid()}"  # per session: parallel runs share a server
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -68,7 +68,12 @@ def template_db(stack):
     target = load.connect(db)
     load.apply_schema(target, (PROJECT / "schema.sql").read_text())
     target.close()
-    return db
+    yield db
+    conn = admin_connection(port)
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
+                    .format(sql.Identifier(TEMPLATE_DB)))
+    conn.close()
 
 
 @pytest.fixture
