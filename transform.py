@@ -241,7 +241,7 @@ def _integer(value: Any) -> tuple[bool, float]:
 def _integers(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     """Vectorised `_integer`: parse each distinct raw value once (kiosk columns have a handful)."""
     codes, uniques = pd.factorize(column, use_na_sentinel=True)
-    parsed = [_integer(v) for v in uniques]
+    parsed = [_integer(v) for v in np.asarray(uniques, dtype=object)]
     missing_u = np.array([m for m, _ in parsed] + [True], dtype=bool)
     value_u = np.array([v for _, v in parsed] + [np.nan], dtype="float64")
     # code -1 (None/NaN) indexes the appended "missing" entry
@@ -288,7 +288,7 @@ def _timestamps(column: pd.Series, zone: str) -> tuple[np.ndarray, np.ndarray, n
     """Vectorised `_parse_at`: each distinct value is parsed once (kiosk rows share seconds)."""
     codes, uniques = pd.factorize(column, use_na_sentinel=True)
     tz = ZoneInfo(zone)
-    parsed = [_parse_at(v, tz) for v in uniques] + [(1, 0, 0)]
+    parsed = [_parse_at(v, tz) for v in np.asarray(uniques, dtype=object)] + [(1, 0, 0)]
     state = np.fromiter((p[0] for p in parsed), dtype=np.int8, count=len(parsed))
     utc = np.fromiter((p[1] for p in parsed), dtype=np.int64, count=len(parsed))
     tod = np.fromiter((p[2] for p in parsed), dtype=np.int64, count=len(parsed))
