@@ -31,7 +31,11 @@ REASONS = ("malformed_json", "not_an_object", "missing_at", "invalid_at", "outsi
            "missing_type", "invalid_type", "unexpected_type")
 OWN_REASONS = ("malformed_row", "bad_header")
 
-_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+# The text forms SPEC §2 accepts: "5", "-1", "1.0" (decimal digits only: no "1e0", "INF", "٣").
+_INTEGER_TEXT = re.compile(r"[+-]?[0-9]+(?:\.[0-9]+)?")
+# ISO-8601 extended date and time to the second, optional fraction and offset; "T" or a space.
+_TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(?:\.\d{1,6})?(?:Z|[+-]\d{2}(?::?\d{2})?)?")
+_EXACT_FLOAT = 2**53  # beyond this a float no longer holds every integer exactly
 
 
 @dataclass(frozen=True)
@@ -226,16 +230,23 @@ def _integer(value: Any) -> tuple[bool, float]:
         text = value.strip()
         if not text:
             return True, np.nan
-        if not _NUMBER.fullmatch(text):
+        if not _INTEGER_TEXT.fullmatch(text):
             return False, np.nan
-        number = float(text)
-    elif value.__class__ in (int, float):
-        number = float(value)
+        whole, _, fraction = text.partition(".")
+        if fraction.strip("0"):
+            return False, np.nan  # a fraction, however small ("1.0000000000000001")
+        number = int(whole)
+    elif value.__class__ is int:
+        number = value
+    elif value.__class__ is float:
+        if not np.isfinite(value) or not value.is_integer():
+            return False, np.nan
+        number = int(value)
     else:
         return False, np.nan
-    if not np.isfinite(number) or number != int(number):
-        return False, np.nan
-    return False, number
+    if abs(number) > _EXACT_FLOAT:
+        return False, np.nan  # an integer, but far beyond any site, rating or request value
+    return False, float(number)
 
 
 def _integers(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
@@ -249,7 +260,7 @@ def _integers(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _parse_at(value: Any, zone: ZoneInfo) -> tuple[int, int, int]:
-    """(state, UTC nanoseconds, local time-of-day nanoseconds) for one raw `at` value.
+    """(state, UTC microseconds, local time-of-day microseconds) for one raw `at` value.
 
     state is 0 valid, 1 missing, 2 invalid. A timestamp with no offset is museum local time;
     one that does not exist there (the hour skipped when clocks go forward) is invalid, an
@@ -262,6 +273,8 @@ def _parse_at(value: Any, zone: ZoneInfo) -> tuple[int, int, int]:
     text = value.strip()
     if not text:
         return 1, 0, 0
+    if not _TIMESTAMP.fullmatch(text):
+        return 2, 0, 0
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
@@ -277,7 +290,7 @@ def _parse_at(value: Any, zone: ZoneInfo) -> tuple[int, int, int]:
             return 2, 0, 0
     utc_us = (local - _EPOCH) // _MICROSECOND
     tod_us = ((local.hour * 60 + local.minute) * 60 + local.second) * 1_000_000 + local.microsecond
-    return 0, utc_us * 1000, tod_us * 1000
+    return 0, utc_us, tod_us
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -295,8 +308,8 @@ def _timestamps(column: pd.Series, zone: str) -> tuple[np.ndarray, np.ndarray, n
     return state[codes], utc[codes], tod[codes]
 
 
-def _time_ns(t: time) -> int:
-    return ((t.hour * 60 + t.minute) * 60 + t.second) * 10**9 + t.microsecond * 1000
+def _time_us(t: time) -> int:
+    return ((t.hour * 60 + t.minute) * 60 + t.second) * 1_000_000 + t.microsecond
 
 
 def validate_events(events: pd.DataFrame, master: MasterData, rules: Rules,
@@ -304,13 +317,13 @@ def validate_events(events: pd.DataFrame, master: MasterData, rules: Rules,
     """Apply SPEC §2 to every event; each gets exactly one outcome (first failing rule wins)."""
     now = now or datetime.now(UTC)
     n = len(events)
-    at_state, utc_ns, tod_ns = _timestamps(events["at"], rules.zone)
+    at_state, utc_us, tod_us = _timestamps(events["at"], rules.zone)
     at_missing = at_state == 1
     at_invalid = at_state == 2
-    outside = ~at_missing & ~at_invalid & ((tod_ns < _time_ns(rules.opening))
-                                          | (tod_ns > _time_ns(rules.closing)))
-    limit_ns = int((now + rules.future_tolerance).timestamp() * 10**9)
-    future = ~at_missing & ~at_invalid & (utc_ns > limit_ns)
+    outside = ~at_missing & ~at_invalid & ((tod_us < _time_us(rules.opening))
+                                          | (tod_us > _time_us(rules.closing)))
+    limit_us = (now + rules.future_tolerance - _EPOCH) // _MICROSECOND
+    future = ~at_missing & ~at_invalid & (utc_us > limit_us)
 
     site_missing, site = _integers(events["site"])
     val_missing, val = _integers(events["val"])
@@ -328,7 +341,7 @@ def validate_events(events: pd.DataFrame, master: MasterData, rules: Rules,
     code = np.select(conditions, np.arange(len(conditions)), default=len(conditions))
     valid = code == len(conditions)
 
-    event_at = pd.to_datetime(utc_ns, unit="ns", utc=True) if n else pd.DatetimeIndex([], tz="UTC")
+    event_at = pd.to_datetime(utc_us, unit="us", utc=True) if n else pd.DatetimeIndex([], tz="UTC")
     positions = events["position"].to_numpy()
     site_ids = _lookup(site, master.exhibitions)
 
@@ -351,7 +364,7 @@ def validate_events(events: pd.DataFrame, master: MasterData, rules: Rules,
     rejected["reason"] = reasons[code[bad]]
     rejected["detail"] = _details(rejected["reason"].to_numpy(),
                                   events.loc[bad, list(FIELDS)].to_numpy(), rules)
-    rejected["payload"] = [payload_text(p) if p.__class__ is bytes else p
+    rejected["payload"] = [payload_text(p) if p.__class__ is bytes else p.replace("\x00", "\\x00")
                            for p in rejected["payload"]]
     return Outcome(ratings, requests, rejected if len(rejected) else empty_rejections())
 
