@@ -45,6 +45,10 @@ class FatalError(RuntimeError):
     """Something no amount of waiting fixes (bad credentials, forbidden topic)."""
 
 
+class BatchAbandoned(Exception):
+    """Asked to stop while the database is away: the batch in hand is left for the next run."""
+
+
 @dataclass
 class BatchResult:
     messages: int = 0
@@ -236,10 +240,14 @@ class KioskConsumer:
                     self.db_down_since = time.monotonic()
                     log.warning("database unavailable (%s); holding the batch and retrying "
                                 "with backoff", text)
+                if self.fatal:
+                    raise FatalError(self.fatal) from None
+                if self.stopping:
+                    # Nothing of this batch is stored and no offset moved: the next run
+                    # consumes it again, so stopping now loses nothing.
+                    raise BatchAbandoned(len(messages)) from None
                 self._wait(delay)
                 delay = min(delay * 2, 10.0)
-                if self.stopping and self.fatal:
-                    raise FatalError(self.fatal) from None
                 continue
             if self.db_down_since is not None:
                 log.info("database is back after %.1f s; carrying on",
@@ -278,7 +286,12 @@ class KioskConsumer:
                     if self.broker_down:
                         log.info("Kafka broker reachable again")
                         self.broker_down = False
-                    self._handle(messages)
+                    try:
+                        self._handle(messages)
+                    except BatchAbandoned as exc:
+                        log.warning("stopping with %s consumed messages not stored (the database "
+                                    "is unavailable); they will be read again on restart", exc)
+                        break
                 if self.stop_at_end and self.assigned and self.at_end >= self.assigned:
                     log.info("all assigned partitions are at their end; stopping")
                     break
