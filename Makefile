@@ -47,5 +47,12 @@ test: install
 lint: install
 	$(PY) -m ruff check .
 
+# the analysis notebook, executed on the configured database (.env, or the local one), as one
+# self-contained HTML page with its charts embedded
+report: install
+	$(PY) -m nbconvert --execute --to html --no-input --output-dir report --output analysis \
+		--ExecutePreprocessor.timeout=600 \
+		--TagRemovePreprocessor.remove_cell_tags='["remove-cell"]' analysis.ipynb
+
 clean: down
 	rm -rf $(VENV) .local logs report

@@ -1,0 +1,245 @@
+"""analysis.ipynb and the analysis views of schema.sql.
+
+The notebook runs top to bottom (nbclient, a real kernel) on a database that the pipeline loaded
+from generated sample data; its answers must equal the same seven questions computed here straight
+from the base tables in Python (never through the views, so the views are checked too), and its
+dashboards must be titled and name exhibitions in words, never by id.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from datetime import datetime
+from pathlib import Path
+from statistics import fmean
+from zoneinfo import ZoneInfo
+
+import nbformat
+from nbclient import NotebookClient
+
+import load
+import pipeline
+import sample_data
+from helpers import rows
+
+PROJECT = Path(__file__).resolve().parent.parent
+NOTEBOOK = PROJECT / "analysis.ipynb"
+SCHEMA = (PROJECT / "schema.sql").read_text()
+LONDON = ZoneInfo("Europe/London")
+DASHBOARDS = {"exhibition_performance", "security", "rating_over_time"}
+EXHIBITION_ID = re.compile(r"EXH_\d+")
+BARE_INTEGER = re.compile(r"[-\u2212]?\d+")
+
+# Run after the notebook in its kernel: every text of every dashboard figure, as one JSON line.
+INSPECT_FIGURES = '''
+import json as _json
+_found = {}
+for _name, _fig in figures.items():
+    _fig.canvas.draw()
+    _axes = []
+    for _ax in _fig.axes:
+        if _ax.get_label() == "<colorbar>":
+            continue
+        _legend = _ax.get_legend()
+        _axes.append({"title": _ax.get_title(), "xlabel": _ax.get_xlabel(),
+                      "ylabel": _ax.get_ylabel(),
+                      "xticks": [t.get_text() for t in _ax.get_xticklabels()],
+                      "yticks": [t.get_text() for t in _ax.get_yticklabels()],
+                      "legend": [t.get_text() for t in _legend.get_texts()] if _legend else [],
+                      "texts": [t.get_text() for t in _ax.texts]})
+    _found[_name] = {"suptitle": _fig.get_suptitle(), "axes": _axes}
+print("FIGURES " + _json.dumps(_found))
+'''
+
+
+def execute_notebook() -> nbformat.NotebookNode:
+    """The notebook executed in a fresh kernel that inherits this process's environment."""
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell(INSPECT_FIGURES))
+    NotebookClient(nb, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(PROJECT)}}).execute()
+    return nb
+
+
+def outputs(nb: nbformat.NotebookNode) -> list[dict]:
+    return [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs]
+
+
+def printed(nb: nbformat.NotebookNode, prefix: str):
+    """The JSON a cell printed on a line starting with `prefix`."""
+    for out in outputs(nb):
+        if out.output_type == "stream":
+            for line in out.text.splitlines():
+                if line.startswith(prefix):
+                    return json.loads(line[len(prefix):])
+    raise AssertionError(f"the notebook printed no {prefix.strip()} line")
+
+
+def leaders(counts: Counter) -> tuple[list, int]:
+    best = max(counts.values(), default=0)
+    return sorted(k for k, v in counts.items() if v == best and best > 0), best
+
+
+def expected_answers(conn) -> dict:
+    """The seven questions, from the base tables, with hours converted to museum time in Python."""
+    exhibitions = [r[0] for r in rows(conn, "SELECT exhibition_name FROM exhibition")]
+    ratings = rows(conn, """
+        SELECT e.exhibition_name, d.department_name, r.rating_value, r.rating_description,
+               ri.event_at
+        FROM rating_interaction ri
+        JOIN exhibition e ON e.exhibition_id = ri.exhibition_id
+        JOIN department d ON d.department_id = e.department_id
+        JOIN rating r ON r.rating_id = ri.rating_id""")
+    calls = rows(conn, """
+        SELECT e.exhibition_name, q.request_description, ri.event_at
+        FROM request_interaction ri
+        JOIN exhibition e ON e.exhibition_id = ri.exhibition_id
+        JOIN request q ON q.request_id = ri.request_id""")
+    assert ratings and calls, "the pipeline loaded nothing to analyse"
+
+    def hour(at: datetime) -> int:
+        return at.astimezone(LONDON).hour
+
+    visits = Counter({name: 0 for name in exhibitions})
+    visits.update(name for name, *_ in ratings)
+    visits.update(name for name, *_ in calls)
+    most_visited, interactions = leaders(visits)
+    busiest_hours, hour_ratings = leaders(Counter(hour(at) for *_, at in ratings))
+    most_emergencies, emergencies = leaders(
+        Counter(name for name, kind, _ in calls if kind == "Emergency"))
+    values: dict[str, list[int]] = {name: [] for name in exhibitions}
+    for name, _, value, _, _ in ratings:
+        values[name].append(value)
+    positive = [at for *_, word, at in ratings if word in ("Good", "Amazing")]
+    before = sum(hour(at) < 13 for at in positive)
+    after = len(positive) - before
+    zoology = fmean(v for _, dept, v, _, _ in ratings if dept == "Zoology")
+    others = fmean(v for _, dept, v, _, _ in ratings if dept != "Zoology")
+    assistance = Counter((name, hour(at)) for name, kind, at in calls if kind == "Assistance")
+    return {
+        "most_visited": {"exhibitions": most_visited, "interactions": interactions},
+        "busiest_rating_hour": {"hours": busiest_hours, "ratings": hour_ratings},
+        "most_emergencies": {"exhibitions": most_emergencies, "emergencies": emergencies},
+        "average_rating": {name: round(fmean(v), 2) if v else None for name, v in values.items()},
+        "positive_before_after_1pm": {
+            "before": before, "after": after,
+            "answer": "before" if before > after else "after" if after > before else "equal"},
+        "zoology_vs_others": {"zoology": round(zoology, 2), "others": round(others, 2),
+                              "zoology_better": zoology > others},
+        "assistance_by_exhibition_hour": sorted([name, h, n]
+                                                for (name, h), n in assistance.items()),
+    }
+
+
+def check_dashboard(name: str, figure: dict, must_name: list[str]) -> None:
+    """Titled, labelled in words: no exhibition id anywhere, no axis of bare integers that is
+    not a labelled quantity, and the exhibitions it shows named."""
+    assert figure["suptitle"].strip() or len(figure["axes"]) == 1, f"{name}: no overall title"
+    texts = [figure["suptitle"]]
+    for ax in figure["axes"]:
+        assert ax["title"].strip(), f"{name}: a chart without a title"
+        for axis in ("x", "y"):
+            ticks = [t for t in ax[f"{axis}ticks"] if t.strip()]
+            if ticks and all(BARE_INTEGER.fullmatch(t) for t in ticks):
+                label = ax[f"{axis}label"]
+                assert label.strip() and "exhibition" not in label.lower(), \
+                    f"{name}, {ax['title']!r}: {axis} ticks {ticks} are bare numbers with label {label!r}"
+        texts += [ax["title"], ax["xlabel"], ax["ylabel"], *ax["xticks"], *ax["yticks"],
+                  *ax["legend"], *ax["texts"]]
+    ids = [t for t in texts if EXHIBITION_ID.search(t)]
+    assert not ids, f"{name}: exhibition ids shown: {ids}"
+    labels = {t for ax in figure["axes"] for t in ax["xticks"] + ax["yticks"] + ax["legend"]}
+    missing = [n for n in must_name if n not in labels]
+    assert not missing, f"{name}: exhibitions not named on the charts: {missing}"
+
+
+def test_notebook_answers_from_the_loaded_data_with_readable_dashboards(
+        s3, bucket, service_env, conn, monkeypatch, tmp_path):
+    sample_data.seed_bucket(s3, bucket, objects=4, rows=3000, seed=3)
+    assert pipeline.main(["-b", bucket, "--no-progress"]) == 0
+    monkeypatch.setenv("LMNH_FIGURE_DIR", str(tmp_path))
+
+    nb = execute_notebook()  # raises CellExecutionError, with the cell, if any cell fails
+
+    expected = expected_answers(conn)
+    answers = printed(nb, "ANSWERS ")
+    for question, value in expected.items():
+        assert answers.get(question) == value, question
+    assert answers.keys() == expected.keys()
+
+    conclusions = [out.data["text/markdown"] for out in outputs(nb)
+                   if "text/markdown" in out.get("data", {})
+                   and out.data["text/markdown"].startswith("**Conclusion:**")]
+    assert len(conclusions) == 7, "each question ends with a conclusion line"
+    assert all(n in conclusions[0] for n in expected["most_visited"]["exhibitions"])
+    assert all(n in conclusions[2] for n in expected["most_emergencies"]["exhibitions"])
+
+    figures = printed(nb, "FIGURES ")
+    assert figures.keys() == DASHBOARDS
+    visits = dict(rows(conn, """
+        SELECT e.exhibition_name, count(*) FROM (
+            SELECT exhibition_id FROM rating_interaction
+            UNION ALL SELECT exhibition_id FROM request_interaction) x
+        JOIN exhibition e USING (exhibition_id) GROUP BY 1"""))
+    shown = sorted(visits)
+    top3 = sorted(visits, key=lambda name: (-visits[name], name))[:3]
+    check_dashboard("exhibition_performance", figures["exhibition_performance"], shown)
+    check_dashboard("security", figures["security"], shown)
+    check_dashboard("rating_over_time", figures["rating_over_time"], top3)
+    pngs = [out for out in outputs(nb) if "image/png" in out.get("data", {})]
+    assert len(pngs) == len(DASHBOARDS), "each dashboard is drawn once, as a static image"
+    assert sorted(p.stem for p in tmp_path.glob("*.png")) == sorted(DASHBOARDS)
+
+
+def test_analysis_views_use_museum_time_whatever_the_session_timezone(conn):
+    """A summer event (BST, UTC+1) lands in its London hour even in a UTC session."""
+    with load.transaction(conn) as cur:
+        source = load.source_id(cur, "s3", "s3://bucket/summer.csv")
+        cur.execute("""
+            INSERT INTO rating_interaction (exhibition_id, rating_id, event_at, source_id, position)
+            SELECT e.exhibition_id, r.rating_id, %s, %s, 1 FROM exhibition e, rating r
+            WHERE e.public_id = 'EXH_03' AND r.rating_value = 4""",
+                    (datetime(2024, 7, 1, 12, 30, tzinfo=LONDON), source))
+        cur.execute("""
+            INSERT INTO request_interaction (exhibition_id, request_id, event_at, source_id, position)
+            SELECT e.exhibition_id, q.request_id, %s, %s, 2 FROM exhibition e, request q
+            WHERE e.public_id = 'EXH_02' AND q.request_value = 1""",
+                    (datetime(2024, 7, 1, 9, 10, tzinfo=LONDON), source))
+    with load.transaction(conn) as cur:
+        cur.execute("SET TIME ZONE 'UTC'")
+    assert rows(conn, "SELECT local_hour, hour_label, interactions, ratings, positive_ratings, "
+                      "emergency_calls FROM hour_summary ORDER BY 1") == [
+        (9, "09:00", 1, 0, 0, 1), (12, "12:00", 1, 1, 1, 0)]
+    assert rows(conn, "SELECT exhibition_name, local_hour FROM exhibition_hour_summary "
+                      "ORDER BY 2") == [("The Crenshaw Collection", 9), ("Cetacean Sensations", 12)]
+    assert rows(conn, "SELECT local_at::text, local_date::text, positive FROM rating_detail") == [
+        ("2024-07-01 12:30:00", "2024-07-01", True)]
+    assert rows(conn, "SELECT local_hour_start::text, average_rating::float "
+                      "FROM exhibition_rating_timeline") == [("2024-07-01 12:00:00", 4.0)]
+    summary = dict(((name, (ratings, calls, emergencies)) for name, ratings, calls, emergencies
+                    in rows(conn, "SELECT exhibition_name, ratings, calls, emergency_calls "
+                                  "FROM exhibition_summary")))
+    assert summary["Cetacean Sensations"] == (1, 0, 0)
+    assert summary["The Crenshaw Collection"] == (0, 1, 1)
+    assert summary["Thunder Lizards"] == (0, 0, 0)
+
+
+def test_analysis_views_survive_applying_the_schema_again(conn):
+    load.apply_schema(conn, SCHEMA)
+    load.apply_schema(conn, SCHEMA)
+    views = {r[0] for r in rows(conn, "SELECT table_name FROM information_schema.views "
+                                      "WHERE table_schema = 'public'")}
+    assert {"rating_detail", "request_detail", "interaction_detail", "exhibition_summary",
+            "exhibition_rating_distribution", "exhibition_hour_summary", "hour_summary",
+            "department_summary", "exhibition_rating_timeline"} <= views
+    assert len(rows(conn, "SELECT * FROM exhibition_rating_distribution")) == 6 * 5
+
+
+def test_notebook_is_committed_without_outputs():
+    """The report is generated (make report); the notebook in git carries no stale results."""
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nbformat.validate(nb)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert not cell.outputs and cell.execution_count is None, cell.source[:60]
