@@ -16,7 +16,7 @@ import logging
 import signal
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -62,36 +62,40 @@ class BatchResult:
 
 def store_batch(conn, topic: str, messages: list, rules: transform.Rules,
                 now: datetime | None = None) -> BatchResult:
-    """Validate a batch and commit its rows, rejections and offsets in one transaction."""
+    """Validate a batch and commit its rows, rejections and offsets in one transaction.
+
+    The partitions' offset rows are locked first; a message below the stored offset is already
+    in the database (a replay) and is dropped, so nothing is ever stored twice.
+    """
     result = BatchResult(messages=len(messages))
-    by_partition: dict[int, list] = defaultdict(list)
-    for message in messages:
-        by_partition[message.partition()].append(message)
-    source_text = f"kafka://{topic}"
     with load.transaction(conn) as cur:
-        offsets = load.lock_offsets(cur, topic, list(by_partition))
+        offsets = load.lock_offsets(cur, topic, list({m.partition() for m in messages}))
         master = load.read_master_data(cur)
-        for partition, batch in by_partition.items():
-            source, next_offset = offsets[partition]
-            fresh = [m for m in batch if m.offset() >= next_offset]
-            result.duplicates += len(batch) - len(fresh)
-            if not fresh:
-                continue
-            parsed = transform.parse_messages([m.value() for m in fresh], [partition] * len(fresh),
-                                              [m.offset() for m in fresh])
-            outcome = transform.validate_events(parsed.events, master, rules, now)
-            rejections = transform.concat_rejections([parsed.rejections, outcome.rejections])
-            result.ratings += load.copy_ratings(cur, outcome.ratings, source)
-            result.requests += load.copy_requests(cur, outcome.requests, source)
-            load.copy_rejections(cur, rejections, source_text, source)
-            result.rejected.update(rejections["reason"].value_counts().to_dict())
-            new_next = max(m.offset() for m in fresh) + 1
-            load.advance_offset(cur, source, new_next)
-            result.next_offsets[partition] = new_next
-            emergencies = outcome.requests[outcome.requests["request_value"] == 1]
-            for site, at in zip(emergencies["site"], emergencies["event_at"]):
-                result.emergencies.append((master.exhibition_names.get(int(site), "?"), int(site),
-                                           at.tz_convert(rules.zone).isoformat()))
+        fresh = [m for m in messages if m.offset() >= offsets[m.partition()][1]]
+        result.duplicates = len(messages) - len(fresh)
+        if not fresh:
+            return result
+        parsed = transform.parse_messages([m.value() for m in fresh],
+                                          [m.partition() for m in fresh],
+                                          [m.offset() for m in fresh])
+        outcome = transform.validate_events(parsed.events, master, rules, now)
+        rejections = transform.concat_rejections([parsed.rejections, outcome.rejections])
+        source_of = {partition: source for partition, (source, _) in offsets.items()}
+        result.ratings = load.copy_ratings(cur, outcome.ratings,
+                                           outcome.ratings["partition"].map(source_of))
+        result.requests = load.copy_requests(cur, outcome.requests,
+                                             outcome.requests["partition"].map(source_of))
+        load.copy_rejections(cur, rejections, f"kafka://{topic}",
+                             rejections["partition"].map(source_of) if len(rejections) else 0)
+        result.rejected.update(rejections["reason"].value_counts().to_dict())
+        for message in fresh:  # a partition's messages arrive in offset order
+            result.next_offsets[message.partition()] = message.offset() + 1
+        for partition, next_offset in result.next_offsets.items():
+            load.advance_offset(cur, source_of[partition], next_offset)
+        emergencies = outcome.requests[outcome.requests["request_value"] == 1]
+        for site, at in zip(emergencies["site"], emergencies["event_at"]):
+            result.emergencies.append((master.exhibition_names.get(int(site), "?"), int(site),
+                                       at.tz_convert(rules.zone).isoformat()))
     return result
 
 

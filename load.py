@@ -210,7 +210,10 @@ _INTERACTION_ROW = np.dtype([("fields", ">i2"),
                              ("l_pos", ">i4"), ("position", ">i8")])
 
 
-def interaction_copy_bytes(frame: pd.DataFrame, kind_column: str, source: int) -> bytes:
+Sources = "int | np.ndarray | pd.Series"  # one source for all rows, or one per row
+
+
+def interaction_copy_bytes(frame: pd.DataFrame, kind_column: str, source: Sources) -> bytes:
     """Binary COPY data for rating/request rows: one numpy record per row, no formatting."""
     rows = np.zeros(len(frame), dtype=_INTERACTION_ROW)
     rows["fields"] = 5
@@ -219,7 +222,7 @@ def interaction_copy_bytes(frame: pd.DataFrame, kind_column: str, source: int) -
     rows["kind_id"] = frame[kind_column].to_numpy()
     micros = frame["event_at"].dt.as_unit("us").astype("int64").to_numpy()
     rows["event_at"] = micros - PG_EPOCH_US
-    rows["source_id"] = source
+    rows["source_id"] = np.asarray(source)
     rows["position"] = frame["position"].to_numpy()
     return COPY_HEADER + rows.tobytes() + COPY_TRAILER
 
@@ -233,20 +236,20 @@ COPY_REJECTIONS = ("COPY rejected_event (source, locator, payload, reason, detai
                    "FORCE_NOT_NULL (source, locator, payload, reason, detail))")
 
 
-def copy_ratings(cur, frame: pd.DataFrame, source: int) -> int:
+def copy_ratings(cur, frame: pd.DataFrame, source: Sources) -> int:
     if len(frame):
         cur.copy_expert(COPY_RATINGS, io.BytesIO(interaction_copy_bytes(frame, "rating_id", source)))
     return len(frame)
 
 
-def copy_requests(cur, frame: pd.DataFrame, source: int) -> int:
+def copy_requests(cur, frame: pd.DataFrame, source: Sources) -> int:
     if len(frame):
         cur.copy_expert(COPY_REQUESTS,
                         io.BytesIO(interaction_copy_bytes(frame, "request_id", source)))
     return len(frame)
 
 
-def copy_rejections(cur, frame: pd.DataFrame, source_text: str, source: int) -> int:
+def copy_rejections(cur, frame: pd.DataFrame, source_text: str, source: Sources) -> int:
     """Rejections are few and carry free text, so CSV (which quotes anything) is the format.
 
     FORCE_NOT_NULL keeps an empty payload (an empty Kafka message) an empty string, not NULL.
@@ -255,9 +258,9 @@ def copy_rejections(cur, frame: pd.DataFrame, source_text: str, source: int) -> 
         return 0
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
+    sources = np.broadcast_to(np.asarray(source), len(frame)).tolist()
     writer.writerows(zip([source_text] * len(frame), frame["locator"], frame["payload"],
-                         frame["reason"], frame["detail"], [source] * len(frame),
-                         frame["position"]))
+                         frame["reason"], frame["detail"], sources, frame["position"]))
     buffer.seek(0)
     cur.copy_expert(COPY_REJECTIONS, buffer)
     return len(frame)

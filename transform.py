@@ -65,6 +65,7 @@ class Outcome:
     ratings: pd.DataFrame      # position, exhibition_id, rating_id, event_at (UTC)
     requests: pd.DataFrame     # position, exhibition_id, request_id, event_at, site, request_value
     rejections: pd.DataFrame   # position, locator, payload, reason, detail
+    # Kafka events also carry their partition in every frame.
 
     @property
     def count(self) -> int:
@@ -78,8 +79,8 @@ class Outcome:
 class ParsedEvents:
     """Events whose fields could be read, plus the rows that never became events."""
 
-    events: pd.DataFrame       # position, locator, payload, at, site, val, type
-    rejections: pd.DataFrame   # position, locator, payload, reason, detail
+    events: pd.DataFrame       # position, payload, at, site, val, type (+ partition for Kafka)
+    rejections: pd.DataFrame   # position, locator, payload, reason, detail (+ partition)
 
 
 REJECTION_COLUMNS = ["position", "locator", "payload", "reason", "detail"]
@@ -169,18 +170,19 @@ def _objects(*parts: list) -> np.ndarray:
 def _field_value(value: Any) -> Any:
     """A JSON value as validate_events expects it: text, number or None; anything else is text
     that no rule accepts (booleans are not integers, objects are not timestamps)."""
-    cls = value.__class__
-    if cls is str or cls is int or cls is float or value is None:
-        return value
-    return json.dumps(value)
+    return value if value.__class__ in _PLAIN else json.dumps(value)
 
 
-def _loads(payload: bytes) -> Any:
+_PLAIN = frozenset({str, int, float, type(None)})
+
+
+def _loads(payload: bytes | None) -> Any:
+    """orjson, and where it refuses, the standard parser: orjson refuses integers beyond 64
+    bits that JSON allows; NaN/Infinity, which JSON does not allow, stay refused."""
     try:
         return orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        # orjson refuses integers beyond 64 bits that JSON allows; NaN/Infinity stay refused.
-        return json.loads(payload.decode("utf-8"), parse_constant=_refuse_constant)
+    except (orjson.JSONDecodeError, TypeError):
+        return json.loads((payload or b"").decode("utf-8"), parse_constant=_refuse_constant)
 
 
 def _refuse_constant(name: str) -> Any:
@@ -189,35 +191,50 @@ def _refuse_constant(name: str) -> Any:
 
 def parse_messages(payloads: Sequence[bytes | None], partitions: Sequence[int],
                    offsets: Sequence[int]) -> ParsedEvents:
-    """Kafka payloads to fields: rules 0 (UTF-8 JSON) and 0b (an object) are decided here."""
-    keep_pos, keep_loc, keep_raw, ats, sites, vals, types = [], [], [], [], [], [], []
-    bad = []
-    for payload, partition, offset in zip(payloads, partitions, offsets):
-        locator = f"{partition}:{offset}"
+    """Kafka payloads to fields: rules 0 (UTF-8 JSON) and 0b (an object) are decided here.
+
+    The events keep their `partition`; an event's position is its offset.
+    """
+    keep, ats, sites, vals, types, bad = [], [], [], [], [], []
+    loads, plain, dumps = orjson.loads, _PLAIN, json.dumps
+    for i, payload in enumerate(payloads):
         try:
-            message = _loads(payload if payload is not None else b"")
-        except (ValueError, UnicodeDecodeError) as exc:
-            bad.append((offset, locator, payload_text(payload), "malformed_json",
-                        f"payload is not UTF-8 JSON: {str(exc)[:200]}"))
-            continue
+            message = loads(payload)
+        except (orjson.JSONDecodeError, TypeError):
+            try:
+                message = _loads(payload)
+            except (ValueError, UnicodeDecodeError) as exc:
+                bad.append((i, "malformed_json", f"payload is not UTF-8 JSON: {str(exc)[:200]}"))
+                continue
         if message.__class__ is not dict:
-            bad.append((offset, locator, payload_text(payload), "not_an_object",
-                        f"payload is JSON {type(message).__name__}, not an object"))
+            bad.append((i, "not_an_object", f"payload is JSON {type(message).__name__}, "
+                                            "not an object"))
             continue
-        keep_pos.append(offset)
-        keep_loc.append(locator)
-        keep_raw.append(payload)
+        keep.append(i)
         get = message.get
-        ats.append(_field_value(get("at")))
-        sites.append(_field_value(get("site")))
-        vals.append(_field_value(get("val")))
-        types.append(_field_value(get("type")))
-    events = pd.DataFrame({"position": np.array(keep_pos, dtype="int64"), "locator": keep_loc,
-                           "payload": keep_raw,
-                           "at": pd.Series(ats, dtype=object), "site": pd.Series(sites, dtype=object),
-                           "val": pd.Series(vals, dtype=object), "type": pd.Series(types, dtype=object)})
-    rejections = (pd.DataFrame(bad, columns=REJECTION_COLUMNS) if bad else empty_rejections())
-    rejections["position"] = rejections["position"].astype("int64")
+        value = get("at")
+        ats.append(value if value.__class__ in plain else dumps(value))
+        value = get("site")
+        sites.append(value if value.__class__ in plain else dumps(value))
+        value = get("val")
+        vals.append(value if value.__class__ in plain else dumps(value))
+        value = get("type")
+        types.append(value if value.__class__ in plain else dumps(value))
+    offsets = np.asarray(offsets, dtype="int64")
+    partitions = np.asarray(partitions, dtype="int64")
+    payloads_array = _objects(payloads)
+    index = np.array(keep, dtype="int64")
+    events = pd.DataFrame({"position": offsets[index], "partition": partitions[index],
+                           "payload": payloads_array[index], "at": _objects(ats),
+                           "site": _objects(sites), "val": _objects(vals),
+                           "type": _objects(types)})
+    rejections = pd.DataFrame({
+        "position": np.array([offsets[i] for i, _, _ in bad], dtype="int64"),
+        "partition": np.array([partitions[i] for i, _, _ in bad], dtype="int64"),
+        "locator": [f"{partitions[i]}:{offsets[i]}" for i, _, _ in bad],
+        "payload": [payload_text(payloads[i]) for i, _, _ in bad],
+        "reason": [reason for _, reason, _ in bad],
+        "detail": [detail for _, _, detail in bad]})
     return ParsedEvents(events, rejections)
 
 
@@ -343,6 +360,8 @@ def validate_events(events: pd.DataFrame, master: MasterData, rules: Rules,
 
     event_at = pd.to_datetime(utc_us, unit="us", utc=True) if n else pd.DatetimeIndex([], tz="UTC")
     positions = events["position"].to_numpy()
+    kafka = "partition" in events
+    partitions = events["partition"].to_numpy() if kafka else None
     site_ids = _lookup(site, master.exhibitions)
 
     rating_rows = valid & is_rating
@@ -350,6 +369,8 @@ def validate_events(events: pd.DataFrame, master: MasterData, rules: Rules,
                             "exhibition_id": site_ids[rating_rows],
                             "rating_id": _lookup(val[rating_rows], master.ratings),
                             "event_at": event_at[rating_rows]})
+    if kafka:
+        ratings["partition"] = partitions[rating_rows]
     request_rows = valid & is_call
     requests = pd.DataFrame({"position": positions[request_rows],
                              "exhibition_id": site_ids[request_rows],
@@ -357,10 +378,16 @@ def validate_events(events: pd.DataFrame, master: MasterData, rules: Rules,
                              "event_at": event_at[request_rows],
                              "site": site[request_rows].astype("int64"),
                              "request_value": typ[request_rows].astype("int64")})
+    if kafka:
+        requests["partition"] = partitions[request_rows]
     bad = ~valid
-    rejected = events.loc[bad, ["position", "payload"]].reset_index(drop=True)
-    rejected.insert(1, "locator", events.loc[bad, "locator"].to_numpy() if "locator" in events
-                    else rejected["position"].astype(str))
+    rejected = pd.DataFrame({"position": positions[bad]})
+    if kafka:
+        rejected["partition"] = partitions[bad]
+        rejected["locator"] = [f"{p}:{o}" for p, o in zip(partitions[bad], positions[bad])]
+    else:
+        rejected["locator"] = rejected["position"].astype(str)
+    rejected["payload"] = events["payload"].to_numpy()[bad]
     rejected["reason"] = reasons[code[bad]]
     rejected["detail"] = _details(rejected["reason"].to_numpy(),
                                   events.loc[bad, list(FIELDS)].to_numpy(), rules)

@@ -567,8 +567,9 @@ def test_rejected_kafka_event_keeps_its_payload_text_and_partition_offset_locato
 def test_parse_messages_keeps_rule_0_rejections_apart_from_events():
     payloads = [msg(), b"{", b"[]", msg(val=-1, type=0)]
     parsed = transform.parse_messages(payloads, [0, 0, 1, 1], [5, 6, 5, 6])
-    assert parsed.events["locator"].tolist() == ["0:5", "1:6"]
+    assert list(zip(parsed.events["partition"], parsed.events["position"])) == [(0, 5), (1, 6)]
     assert parsed.rejections["locator"].tolist() == ["0:6", "1:5"]
+    assert parsed.rejections["partition"].tolist() == [0, 1]
     assert parsed.rejections["reason"].tolist() == ["malformed_json", "not_an_object"]
     assert str(parsed.rejections["position"].dtype) == "int64"
 
