@@ -54,5 +54,11 @@ report: install
 		--ExecutePreprocessor.timeout=600 \
 		--TagRemovePreprocessor.remove_cell_tags='["remove-cell"]' analysis.ipynb
 
+# benchmarks on the local stack (bench/README.md): each figure a ratio against a limit measured
+# in the same run; takes about 2 minutes
+bench: install
+	$(LOCAL) $(PY) bench/batch.py
+	$(LOCAL) $(PY) bench/stream.py
+
 clean: down
 	rm -rf $(VENV) .local logs report

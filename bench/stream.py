@@ -1,0 +1,472 @@
+"""Stream benchmark: consumer.py against a bare consumer, and its end-to-end latency.
+
+    python bench/stream.py [--messages M] [--repeat K] [--latency-seconds S] [--latency-rate R]
+
+M realistic kiosk messages (about 16% invalid) go to a new 3-partition topic on the local
+broker; then, interleaved round by round (a, b, a, b, ...), each run as a whole process and
+timed from spawn to exit, group join included:
+
+  a. the limit: a bare confluent-kafka consumer with consumer.py's settings (fresh group,
+     session.timeout.ms 6000, auto.offset.reset earliest, enable.partition.eof) that calls
+     consume(5000, 0.5) and does nothing with the messages until every partition reports EOF
+     (the local broker's high watermark is unreliable, so EOFs and a message count decide);
+  b. `python consumer.py --topic T --group G --stop-at-end` into a fresh database, with its peak
+     RSS; checked: exit 0, rows stored + rejected == M, stored next offsets sum to M.
+
+Then c, latency: consumer.py runs on another new topic while messages are produced at a steady
+rate (default 1,000/s for 20 s). The produce time of each message is kept by (partition,
+offset) from its delivery report; a second thread polls the database every 20 ms for each
+partition's next_offset in kafka_offset (committed in the same transaction as the rows) and
+records when each offset first became visible. Latency = visible - produced; p50 and p99.
+
+The last line is one JSON object with the figures. Exit 1 when a check fails or a process
+overruns its timeout. Databases are dropped at the end; topics stay (the broker is memory-only).
+"""
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime
+from functools import partial
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402 - after the path tweak, so `common` is importable
+    PROJECT_DIR,
+    PYTHON,
+    BenchError,
+    CpuBusy,
+    Databases,
+    Measured,
+    child_env,
+    db_env,
+    fmt_rate,
+    idle_share,
+    load_average,
+    machine,
+    measure,
+    new_name,
+    ratio,
+    worker_result,
+)
+
+SCRIPT = str(Path(__file__).resolve())
+PARTITIONS = 3
+SESSION_TIMEOUT_MS = 6000
+
+
+# =========================================================================== worker
+def worker_limit(argv: list[str]) -> int:
+    """The bare consumer, in its own process: consume everything, do nothing, stop at EOF."""
+    from confluent_kafka import Consumer, KafkaError
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--worker")
+    parser.add_argument("--bootstrap", required=True)
+    parser.add_argument("--topic", required=True)
+    parser.add_argument("--group", required=True)
+    parser.add_argument("--partitions", type=int, required=True)
+    args = parser.parse_args(argv)
+    consumer = Consumer({"bootstrap.servers": args.bootstrap, "group.id": args.group,
+                         "enable.auto.commit": False, "enable.auto.offset.store": False,
+                         "auto.offset.reset": "earliest", "enable.partition.eof": True,
+                         "session.timeout.ms": SESSION_TIMEOUT_MS,
+                         "heartbeat.interval.ms": SESSION_TIMEOUT_MS // 3})
+    assigned_at = []
+
+    def on_assign(consumer, partitions) -> None:
+        assigned_at.append(time.time())
+
+    consumer.subscribe([args.topic], on_assign=on_assign)
+    everything = set(range(args.partitions))
+    at_end: set[int] = set()
+    count = 0
+    errors = []
+    while at_end < everything:
+        for message in consumer.consume(5000, 0.5):
+            error = message.error()
+            if error is None:
+                count += 1
+                at_end.discard(message.partition())
+            elif error.code() == KafkaError._PARTITION_EOF:
+                at_end.add(message.partition())
+            else:
+                errors.append(error.str())
+    consumer.close()
+    print(json.dumps({"messages": count, "errors": errors[:5],
+                      "assigned_at": assigned_at[0] if assigned_at else None}))
+    return 0
+
+
+# =========================================================================== the benchmark
+class StreamBench:
+    def __init__(self, timeout: float):
+        import localstack
+        state = localstack.up(("postgres", "kafka"))
+        self.pg_port = state["postgres"]["port"]
+        self.kafka = localstack.kafka_settings(state["kafka"])
+        self.dbs = Databases(self.pg_port)
+        self.timeout = timeout
+
+    def new_topic(self) -> str:
+        import simulator
+        topic = new_name("bench").replace("_", "-")
+        simulator.ensure_topic(self.kafka, topic, PARTITIONS)
+        return topic
+
+    def produce(self, topic: str, count: int, seed: int) -> None:
+        import sample_data
+        import simulator
+        started = time.perf_counter()
+        payloads = sample_data.generate_messages(count, seed=seed)
+        generated = time.perf_counter() - started
+        sent = simulator.send_messages(self.kafka, topic, payloads)
+        if sent != count:
+            raise BenchError(f"only {sent} of {count} messages were acknowledged by the broker")
+        print(f"topic {topic}: {count:,} messages in {PARTITIONS} partitions (generated in "
+              f"{generated:.1f} s, produced in {time.perf_counter() - started - generated:.1f} s)",
+              flush=True)
+
+    def consumer_env(self, db: str) -> dict[str, str]:
+        return child_env(**db_env(self.pg_port, db), BOOTSTRAP_SERVERS=self.kafka.bootstrap_servers)
+
+    def _check(self, what: str, db: str, topic: str, expected: int) -> tuple[int, int]:
+        stored, rejected = self.dbs.event_counts(db)
+        if stored + rejected != expected:
+            raise BenchError(f"{what}: {stored} stored + {rejected} rejected = "
+                             f"{stored + rejected}, expected {expected}")
+        offsets = self.dbs.scalar(db, "SELECT coalesce(sum(next_offset), 0) FROM kafka_offset "
+                                      "WHERE topic = %s", (topic,))
+        if offsets != expected:
+            raise BenchError(f"{what}: stored next offsets sum to {offsets}, expected {expected}")
+        return stored, rejected
+
+    # ---- a and b
+    def limit(self, topic: str, expected: int) -> Measured:
+        run = measure([PYTHON, SCRIPT, "--worker", "limit", "--bootstrap",
+                       self.kafka.bootstrap_servers, "--topic", topic, "--group",
+                       new_name("bench-limit"), "--partitions", str(PARTITIONS)],
+                      env=child_env(), timeout=self.timeout).check("the bare consumer")
+        result = worker_result(run)
+        if result["messages"] != expected:
+            raise BenchError(f"the bare consumer read {result['messages']} messages, expected "
+                             f"{expected}; errors: {result['errors']}")
+        run.notes["assigned_at"] = result["assigned_at"]
+        return run
+
+    def consumer(self, topic: str, expected: int) -> Measured:
+        db = self.dbs.create("bench_consumer")
+        try:
+            run = measure([PYTHON, str(PROJECT_DIR / "consumer.py"), "--topic", topic, "--group",
+                           new_name("bench-consumer"), "--stop-at-end"],
+                          env=self.consumer_env(db), timeout=self.timeout).check("consumer.py")
+            run.notes["assigned_at"] = logged_assignment(run.stderr)
+            self.stored, self.rejected = self._check("consumer.py", db, topic, expected)
+            return run
+        finally:
+            self.dbs.drop(db)
+
+    # ---- c
+    def latency(self, rate: float, seconds: float, seed: int) -> dict:
+        from confluent_kafka import Producer
+
+        import sample_data
+
+        topic = self.new_topic()
+        db = self.dbs.create("bench_latency")
+        count = int(rate * seconds)
+        payloads = sample_data.generate_messages(count + PARTITIONS, seed=seed)
+        warmup, payloads = payloads[:PARTITIONS], payloads[PARTITIONS:]
+        producer = Producer({**self.kafka.client_config(), "linger.ms": 5})
+        poller = OffsetPoller(self.dbs.connect(db), topic)
+        log = tempfile.TemporaryFile()
+        proc = subprocess.Popen([PYTHON, str(PROJECT_DIR / "consumer.py"), "--topic", topic,
+                                 "--group", new_name("bench-latency")], cwd=PROJECT_DIR,
+                                env=self.consumer_env(db), stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=subprocess.STDOUT)
+        try:
+            # Warm-up: one message per partition, so the group has joined and every partition
+            # is being fetched before the clock starts.
+            for partition, payload in enumerate(warmup):
+                producer.produce(topic, payload, partition=partition)
+            producer.flush(30)
+            poller.start()
+            if not poller.wait_for({p: 1 for p in range(PARTITIONS)}, 90, proc):
+                raise BenchError("consumer.py did not store the warm-up messages within 90 s:\n"
+                                 + _tail(log))
+            sent: list[tuple[int, int, float]] = []
+            failures: list[str] = []
+
+            def delivered(produced_at: float, err, msg) -> None:
+                if err is None:
+                    sent.append((msg.partition(), msg.offset(), produced_at))
+                else:
+                    failures.append(str(err))
+
+            started = time.perf_counter()
+            for i, payload in enumerate(payloads):
+                due = started + i / rate
+                while (wait := due - time.perf_counter()) > 0:
+                    producer.poll(min(wait, 0.005))
+                producer.produce(topic, payload, on_delivery=partial(delivered,
+                                                                    time.perf_counter()))
+                producer.poll(0)
+            produce_seconds = time.perf_counter() - started
+            producer.flush(30)
+            if failures or len(sent) != count:
+                raise BenchError(f"{len(sent)} of {count} latency messages acknowledged: "
+                                 f"{failures[:3]}")
+            last = {}
+            for partition, offset, _ in sent:
+                last[partition] = max(last.get(partition, 0), offset + 1)
+            if not poller.wait_for(last, 60, proc):
+                raise BenchError("consumer.py did not store every latency message within 60 s "
+                                 "of the last one:\n" + _tail(log))
+            poller.stop()
+            proc.terminate()
+            try:
+                code = proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                raise BenchError("consumer.py did not stop within 30 s of SIGTERM") from None
+            if code != 0:
+                raise BenchError(f"consumer.py exited with {code} on SIGTERM:\n" + _tail(log))
+            self._check("consumer.py (latency)", db, topic, count + PARTITIONS)
+            latencies = sorted(poller.visible_at(p, o) - t for p, o, t in sent)
+            return {"latency_rate_per_s": round(count / produce_seconds),
+                    "latency_messages": count,
+                    "latency_p50_s": round(percentile(latencies, 0.50), 3),
+                    "latency_p99_s": round(percentile(latencies, 0.99), 3),
+                    "latency_max_s": round(latencies[-1], 3)}
+        finally:
+            poller.stop()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+            self.dbs.drop(db)
+
+
+def logged_assignment(log_text: str) -> float | None:
+    """Wall-clock time of consumer.py's first "assigned ... partitions" log line (ms)."""
+    for text in log_text.splitlines():
+        if " consumer: assigned " in text:
+            try:
+                return datetime.strptime(text[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            except ValueError:
+                return None
+    return None
+
+
+def after_join(run: Measured, messages: int) -> tuple[float | None, float | None]:
+    """(seconds from spawn to partition assignment, msg/s from assignment to exit)."""
+    assigned = run.notes.get("assigned_at")
+    if not assigned or not run.started_at <= assigned < run.ended_at:
+        return None, None
+    return assigned - run.started_at, messages / (run.ended_at - assigned)
+
+
+def _tail(log, lines: int = 15) -> str:
+    log.seek(0)
+    text = log.read().decode("utf-8", "replace").strip().splitlines()[-lines:]
+    return "\n".join("    | " + x for x in text)
+
+
+def percentile(ordered: list[float], q: float) -> float:
+    """Nearest-rank percentile of a sorted list."""
+    index = min(len(ordered) - 1, max(0, int(-(-q * len(ordered) // 1)) - 1))
+    return ordered[index]
+
+
+class OffsetPoller:
+    """Polls kafka_offset every `interval` s; remembers when each next_offset first showed."""
+
+    def __init__(self, conn, topic: str, interval: float = 0.02):
+        self.conn = conn
+        self.topic = topic
+        self.interval = interval
+        self.seen: dict[int, tuple[list[int], list[float]]] = {}  # partition -> offsets, times
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.error: Exception | None = None
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.thread.is_alive():
+            self.thread.join(5)
+        if not self.conn.closed:
+            self.conn.close()
+
+    def _run(self) -> None:
+        try:
+            with self.conn.cursor() as cur:
+                while not self.stopping.is_set():
+                    started = time.perf_counter()
+                    cur.execute("SELECT partition, next_offset FROM kafka_offset "
+                                "WHERE topic = %s", (self.topic,))
+                    rows = cur.fetchall()
+                    now = time.perf_counter()
+                    with self.lock:
+                        for partition, next_offset in rows:
+                            offsets, times = self.seen.setdefault(partition, ([], []))
+                            if not offsets or next_offset > offsets[-1]:
+                                offsets.append(next_offset)
+                                times.append(now)
+                    self.stopping.wait(max(0.0, self.interval - (now - started)))
+        except Exception as exc:  # noqa: BLE001 - reported by wait_for
+            self.error = exc
+
+    def current(self) -> dict[int, int]:
+        with self.lock:
+            return {p: offsets[-1] for p, (offsets, _) in self.seen.items()}
+
+    def wait_for(self, wanted: dict[int, int], seconds: float, proc) -> bool:
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            if self.error is not None:
+                raise BenchError(f"polling the database failed: {self.error}")
+            if proc.poll() is not None:
+                raise BenchError(f"consumer.py exited early with {proc.returncode}")
+            now = self.current()
+            if all(now.get(p, 0) >= o for p, o in wanted.items()):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def visible_at(self, partition: int, offset: int) -> float:
+        """When the database first showed `offset` of `partition` as stored."""
+        offsets, times = self.seen[partition]
+        return times[bisect.bisect_right(offsets, offset)]
+
+
+def best(runs: list[Measured]) -> Measured:
+    return min(runs, key=lambda r: r.seconds)
+
+
+def line(name: str, run: Measured, messages: int) -> str:
+    join, steady = after_join(run, messages)
+    extra = "" if join is None else f"  (assigned after {join:.1f} s, then {steady:,.0f} msg/s)"
+    return (f"  {name:9} {run.seconds:7.2f} s  {messages / run.seconds:>11,.0f} msg/s  "
+            f"cpu {run.cpu_seconds:6.2f} s  peak RSS {run.peak_rss_mb:7.1f} MB{extra}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--worker" in argv:
+        return worker_limit(argv)
+    parser = argparse.ArgumentParser(prog="bench/stream.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=400_000,
+                        help="messages produced for the throughput runs (default 400,000)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds a, b, a, b, ...; each side keeps its best (default 1)")
+    parser.add_argument("--latency-seconds", type=float, default=20.0,
+                        help="length of the steady-rate latency run; 0 skips it (default 20)")
+    parser.add_argument("--latency-rate", type=float, default=1000.0,
+                        help="messages per second in the latency run (default 1000)")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the generated messages")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="seconds before any one measured process is killed "
+                             "(default 120 + 0.3 ms per message)")
+    args = parser.parse_args(argv)
+    if args.messages <= 0 or args.repeat <= 0 or args.latency_rate <= 0:
+        parser.error("--messages, --repeat and --latency-rate must be positive")
+    timeout = args.timeout or 120 + args.messages * 0.0003
+
+    info = machine()
+    busy_before = idle_share(1.0)
+    print(f"stream benchmark: {args.messages:,} messages, best of {args.repeat}, on "
+          f"{info['cpus']} CPUs ({info['cpu']}), {info['mem_gib']} GiB; load average "
+          f"{info['load']}, CPU busy before start {busy_before}", flush=True)
+    bench = StreamBench(timeout)
+    limits: list[Measured] = []
+    consumers: list[Measured] = []
+    latency: dict = {}
+    cpu = CpuBusy()
+    try:
+        topic = bench.new_topic()
+        bench.produce(topic, args.messages, args.seed)
+        for round_no in range(1, args.repeat + 1):
+            print(f"round {round_no}/{args.repeat}", flush=True)
+            limits.append(bench.limit(topic, args.messages))
+            print(line("limit", limits[-1], args.messages), flush=True)
+            consumers.append(bench.consumer(topic, args.messages))
+            print(line("consumer", consumers[-1], args.messages)
+                  + f"  ({bench.stored:,} stored + {bench.rejected:,} rejected)", flush=True)
+        if args.latency_seconds > 0:
+            print(f"latency: {args.latency_rate:,.0f} msg/s for {args.latency_seconds:g} s",
+                  flush=True)
+            latency = bench.latency(args.latency_rate, args.latency_seconds, args.seed + 1)
+            print(f"  p50 {latency['latency_p50_s']:.3f} s, p99 {latency['latency_p99_s']:.3f} s, "
+                  f"max {latency['latency_max_s']:.3f} s over {latency['latency_messages']:,} "
+                  f"messages at {latency['latency_rate_per_s']:,} msg/s", flush=True)
+    except BenchError as exc:
+        print(f"FAILED: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; removing what the benchmark created", file=sys.stderr)
+        return 130
+    finally:
+        bench.dbs.drop_all()
+
+    limit, cons = best(limits), best(consumers)
+    limit_rate, consumer_rate = args.messages / limit.seconds, args.messages / cons.seconds
+    limit_join, limit_steady = after_join(limit, args.messages)
+    consumer_join, consumer_steady = after_join(cons, args.messages)
+    figures = {
+        "messages": args.messages,
+        "limit_msgs_per_s": round(limit_rate),
+        "consumer_msgs_per_s": round(consumer_rate),
+        "consumer_vs_limit": ratio(consumer_rate, limit_rate),
+        "consumer_peak_rss_mb": round(max(r.peak_rss_mb for r in consumers), 1),
+        "latency_p50_s": latency.get("latency_p50_s"),
+        "latency_p99_s": latency.get("latency_p99_s"),
+        "latency_max_s": latency.get("latency_max_s"),
+        "latency_rate_per_s": latency.get("latency_rate_per_s"),
+        "latency_messages": latency.get("latency_messages"),
+        "limit_assigned_after_s": round(limit_join, 2) if limit_join is not None else None,
+        "consumer_assigned_after_s": round(consumer_join, 2) if consumer_join is not None else None,
+        "limit_after_join_msgs_per_s": round(limit_steady) if limit_steady else None,
+        "consumer_after_join_msgs_per_s": round(consumer_steady) if consumer_steady else None,
+        "consumer_vs_limit_after_join": ratio(consumer_steady, limit_steady),
+        "limit_seconds": round(limit.seconds, 3),
+        "consumer_seconds": round(cons.seconds, 3),
+        "repeat": args.repeat,
+        "cpus": info["cpus"],
+        "cpu_busy_before": busy_before,
+        "cpu_busy_during": cpu.share(),
+        "load_average_end": load_average(),
+    }
+    print(f"best of {args.repeat}:")
+    print(f"  limit     {fmt_rate(figures['limit_msgs_per_s']):>11} msg/s  (bare consume, group "
+          "join included)")
+    print(f"  consumer  {fmt_rate(figures['consumer_msgs_per_s']):>11} msg/s  "
+          f"= {figures['consumer_vs_limit']} of the limit (targets >= 0.5 and >= 50,000 msg/s)")
+    if consumer_steady and limit_steady:
+        print(f"  after the group join: limit {limit_steady:,.0f} msg/s, consumer "
+              f"{consumer_steady:,.0f} msg/s = {figures['consumer_vs_limit_after_join']} "
+              "(for information; the targets are whole-process)")
+    print(f"  consumer peak RSS {figures['consumer_peak_rss_mb']} MB (target <= 300 MB at "
+          "400,000 messages)")
+    if latency:
+        print(f"  latency at {figures['latency_rate_per_s']:,} msg/s: p50 "
+              f"{figures['latency_p50_s']} s, p99 {figures['latency_p99_s']} s (target p99 <= 2 s)")
+    print(f"  machine: CPU busy {figures['cpu_busy_before']} before, "
+          f"{figures['cpu_busy_during']} during (all processes, share of {info['cpus']} CPUs)")
+    print(json.dumps(figures), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
