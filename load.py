@@ -9,7 +9,9 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import queue
 import struct
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -264,6 +266,48 @@ def copy_rejections(cur, frame: pd.DataFrame, source_text: str, source: Sources)
     buffer.seek(0)
     cur.copy_expert(COPY_REJECTIONS, buffer)
     return len(frame)
+
+
+class BackgroundCopy:
+    """Run one cursor's COPY statements in a worker thread, in submission order.
+
+    psycopg2 releases the GIL while PostgreSQL ingests COPY data, so the caller can validate
+    the next chunk of an object while the server stores this one. At most `depth` units wait
+    in the queue, which bounds memory. A failure in the worker is raised by the next
+    `submit` or by `finish`; nothing is committed here: the caller's transaction decides.
+    """
+
+    def __init__(self, depth: int = 1):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="copy", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            if self._error is None:
+                try:
+                    job()
+                except BaseException as exc:  # handed to the caller's thread
+                    self._error = exc
+
+    def submit(self, job) -> None:
+        self._raise()
+        self._queue.put(job)
+
+    def finish(self) -> None:
+        """Wait for every submitted COPY; raise the first failure."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
 
 
 # --------------------------------------------------------------------------- Kafka offsets

@@ -9,6 +9,7 @@ commit together, under a per-object lock, so reruns and concurrent runs load it 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 import time
@@ -176,39 +177,56 @@ def load_kiosk_object(conn, client, obj: extract.S3Object, rules: transform.Rule
         master = load.read_master_data(cur)
         now = datetime.now(UTC)
         opened = extract.open_kiosk_object(client, obj)
-        header_error = None
-        for first_line, lines in opened.chunks:
-            if progress is not None:
-                progress.update(sum(len(x) + 1 for x in lines))
-            if first_line == 1:
-                header = lines[0].rstrip("\r").strip()
-                if header.lower() != transform.CSV_HEADER:
-                    header_error = (f"the object's first line is {header[:80]!r}, expected the "
-                                    f"header {transform.CSV_HEADER!r}")
-                else:
-                    lines, first_line = lines[1:], 2
-            if row_budget is not None and result.read + len(lines) > row_budget:
-                lines = lines[:max(row_budget - result.read, 0)]
-                result.complete = False
-            parsed = transform.parse_csv_lines(lines, first_line)
-            if header_error:
-                outcome = transform.Outcome(parsed.events.iloc[:0], parsed.events.iloc[:0],
-                                            _reject_all(parsed, header_error))
-            else:
-                outcome = transform.validate_events(parsed.events, master, rules, now)
-                outcome.rejections = transform.concat_rejections([parsed.rejections,
-                                                                   outcome.rejections])
-            result.read += outcome.count
-            result.ratings += load.copy_ratings(cur, outcome.ratings, source)
-            result.requests += load.copy_requests(cur, outcome.requests, source)
-            load.copy_rejections(cur, outcome.rejections, obj.uri, source)
-            result.rejected.update(outcome.reason_counts())
-            if not result.complete:
-                break
+        copier = load.BackgroundCopy()
+        try:
+            _load_chunks(cur, copier, opened, obj, source, master, rules, now, row_budget,
+                         result, progress)
+        finally:
+            copier.finish()
         load.record_object_load(cur, source, opened.etag, result.complete, result.read,
                                 result.ratings + result.requests,
                                 sum(result.rejected.values()))
     return result
+
+
+def _load_chunks(cur, copier, opened, obj, source, master, rules, now, row_budget, result,
+                 progress) -> None:
+    """Validate each chunk of lines and hand its COPYs to the background copier."""
+    header_error = None
+    for first_line, lines in opened.chunks:
+        if progress is not None:
+            progress.update(sum(len(x) + 1 for x in lines))
+        if first_line == 1:
+            header = lines[0].rstrip("\r").strip()
+            if header.lower() != transform.CSV_HEADER:
+                header_error = (f"the object's first line is {header[:80]!r}, expected the "
+                                f"header {transform.CSV_HEADER!r}")
+            else:
+                lines, first_line = lines[1:], 2
+        if row_budget is not None and result.read + len(lines) > row_budget:
+            lines = lines[:max(row_budget - result.read, 0)]
+            result.complete = False
+        parsed = transform.parse_csv_lines(lines, first_line)
+        if header_error:
+            outcome = transform.Outcome(parsed.events.iloc[:0], parsed.events.iloc[:0],
+                                        _reject_all(parsed, header_error))
+        else:
+            outcome = transform.validate_events(parsed.events, master, rules, now)
+            outcome.rejections = transform.concat_rejections([parsed.rejections,
+                                                               outcome.rejections])
+        result.read += outcome.count
+        result.ratings += len(outcome.ratings)
+        result.requests += len(outcome.requests)
+        result.rejected.update(outcome.reason_counts())
+        copier.submit(functools.partial(_copy_outcome, cur, outcome, obj.uri, source))
+        if not result.complete:
+            break
+
+
+def _copy_outcome(cur, outcome: transform.Outcome, uri: str, source: int) -> None:
+    load.copy_ratings(cur, outcome.ratings, source)
+    load.copy_requests(cur, outcome.requests, source)
+    load.copy_rejections(cur, outcome.rejections, uri, source)
 
 
 def _reject_all(parsed: transform.ParsedEvents, why: str):
