@@ -45,6 +45,15 @@ class FatalError(RuntimeError):
     """Something no amount of waiting fixes (bad credentials, forbidden topic)."""
 
 
+class OffsetGap(Exception):
+    """A batch began above the database's next offset: read those partitions again first."""
+
+    def __init__(self, gaps: dict[int, int], rewind_to: dict[int, int]):
+        super().__init__(", ".join(f"partition {p} expected offset {o}" for p, o in gaps.items()))
+        self.gaps = gaps
+        self.rewind_to = rewind_to
+
+
 class BatchAbandoned(Exception):
     """Asked to stop while the database is away: the batch in hand is left for the next run."""
 
@@ -61,11 +70,15 @@ class BatchResult:
 
 
 def store_batch(conn, topic: str, messages: list, rules: transform.Rules,
-                now: datetime | None = None) -> BatchResult:
+                now: datetime | None = None,
+                accepted_gaps: frozenset[tuple[int, int]] = frozenset()) -> BatchResult:
     """Validate a batch and commit its rows, rejections and offsets in one transaction.
 
     The partitions' offset rows are locked first; a message below the stored offset is already
-    in the database (a replay) and is dropped, so nothing is ever stored twice.
+    in the database (a replay) and is dropped, so nothing is ever stored twice. A batch that
+    starts above the stored offset would skip messages: it raises OffsetGap instead (nothing
+    written), unless that gap was already re-read once and confirmed (`accepted_gaps`: the
+    broker no longer holds those offsets, e.g. after retention).
     """
     result = BatchResult(messages=len(messages))
     with load.transaction(conn) as cur:
@@ -75,6 +88,13 @@ def store_batch(conn, topic: str, messages: list, rules: transform.Rules,
         result.duplicates = len(messages) - len(fresh)
         if not fresh:
             return result
+        first: dict[int, int] = {}
+        for message in fresh:
+            first.setdefault(message.partition(), message.offset())
+        gaps = {p: offsets[p][1] for p, o in first.items()
+                if o > offsets[p][1] and (p, offsets[p][1]) not in accepted_gaps}
+        if gaps:
+            raise OffsetGap(gaps, {p: min(o, offsets[p][1]) for p, o in first.items()})
         parsed = transform.parse_messages([m.value() for m in fresh],
                                           [m.partition() for m in fresh],
                                           [m.offset() for m in fresh])
@@ -151,6 +171,7 @@ class KioskConsumer:
         self.broker_down = False
         self.fatal: str | None = None
         self.assigned: set[int] = set()
+        self.accepted_gaps: set[tuple[int, int]] = set()
         self.at_end: set[int] = set()
         self.totals = BatchResult()
         config = {**settings.kafka.client_config(), "group.id": group,
@@ -234,7 +255,8 @@ class KioskConsumer:
         delay = 0.5
         while True:
             try:
-                result = store_batch(self._db(), self.topic, messages, self.rules)
+                result = store_batch(self._db(), self.topic, messages, self.rules,
+                                     accepted_gaps=frozenset(self.accepted_gaps))
             except (psycopg2.OperationalError, psycopg2.InterfaceError, load.DatabaseError) as exc:
                 text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 if any(t in text for t in FATAL_DB_TEXT):
@@ -261,12 +283,17 @@ class KioskConsumer:
 
     def _wait(self, seconds: float) -> None:
         """Sleep while keeping group membership alive (paused partitions deliver nothing)."""
-        assignment = self.consumer.assignment()
-        if assignment:
-            self.consumer.pause(assignment)
         deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            self.consumer.poll(0.1)
+        while time.monotonic() < deadline and not self.stopping:
+            assignment = self.consumer.assignment()
+            if assignment:
+                # every time: a rebalance inside poll() assigns partitions unpaused
+                self.consumer.pause(assignment)
+            message = self.consumer.poll(0.1)
+            if message is not None and message.error() is None:
+                # fetched before the pause took hold: rewind, or it is skipped for good
+                self.consumer.seek(TopicPartition(message.topic(), message.partition(),
+                                                  message.offset()))
         assignment = self.consumer.assignment()
         if assignment:
             self.consumer.resume(assignment)
@@ -292,6 +319,8 @@ class KioskConsumer:
                         self.broker_down = False
                     try:
                         self._handle(messages)
+                    except OffsetGap as exc:
+                        self._rewind(exc)
                     except BatchAbandoned as exc:
                         log.warning("stopping with %s consumed messages not stored (the database "
                                     "is unavailable); they will be read again on restart", exc)
@@ -311,6 +340,17 @@ class KioskConsumer:
         if self.fatal:
             raise FatalError(self.fatal)
         return EXIT_OK
+
+    def _rewind(self, gap: OffsetGap) -> None:
+        """Re-read from the database's offsets; a gap seen twice is gone from the broker."""
+        log.warning("batch skipped ahead of the stored offsets (%s): reading those partitions "
+                    "again from there", gap)
+        self.accepted_gaps.update(gap.gaps.items())
+        for partition, offset in gap.rewind_to.items():
+            try:
+                self.consumer.seek(TopicPartition(self.topic, partition, offset))
+            except KafkaException as exc:  # revoked meanwhile: its new owner reads the database
+                log.info("partition %d not rewound: %s", partition, exc)
 
     def _usable(self, batch: list) -> list:
         messages = []
