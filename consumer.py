@@ -27,7 +27,7 @@ import load
 import localstack
 import transform
 from logsetup import protect_secrets, setup_logging
-from settings import Settings, SettingsError, load_settings, read_environment, redact
+from settings import Settings, SettingsError, environment_secrets, load_settings, read_environment, redact
 
 log = logging.getLogger("consumer")
 
@@ -39,6 +39,14 @@ FATAL_KAFKA_CODES = {KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_
                      KafkaError._SSL, KafkaError._INVALID_ARG}
 FATAL_DB_TEXT = ("password authentication failed", "does not exist", "no pg_hba.conf entry",
                  "permission denied")
+
+
+class OneLinePerOutage(logging.Filter):
+    """librdkafka repeats a FAIL line every retry while a broker is down; the error callback
+    already says so once per change of state (SPEC §4), so the repeats are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("FAIL ")
 
 
 class FatalError(RuntimeError):
@@ -151,6 +159,13 @@ class Metrics:
             self.offset.labels(str(partition)).set(offset)
 
 
+def _librdkafka_logger() -> logging.Logger:
+    logger = logging.getLogger("librdkafka")
+    if not any(isinstance(f, OneLinePerOutage) for f in logger.filters):
+        logger.addFilter(OneLinePerOutage())
+    return logger
+
+
 class KioskConsumer:
     """The consumer loop: batch, store, commit; ride out outages; stop cleanly on a signal."""
 
@@ -179,7 +194,7 @@ class KioskConsumer:
                   "auto.offset.reset": "earliest", "enable.partition.eof": True,
                   "session.timeout.ms": session_timeout_ms,
                   "heartbeat.interval.ms": max(session_timeout_ms // 3, 500),
-                  "error_cb": self._on_error, "logger": logging.getLogger("librdkafka")}
+                  "error_cb": self._on_error, "logger": _librdkafka_logger()}
         self.consumer = Consumer(config)
 
     # ---- signals and callbacks
@@ -442,9 +457,10 @@ def main(argv: list[str] | None = None) -> int:
             raise SettingsError(f"--max-messages must be positive, got {args.max_messages}")
         if args.batch_size <= 0:
             raise SettingsError(f"--batch-size must be positive, got {args.batch_size}")
-        settings = load_settings(read_environment())
-        secrets = settings.secrets()
+        env = read_environment()
+        secrets = environment_secrets(env)
         protect_secrets(secrets)
+        settings = load_settings(env)
         local_db = settings.database is None
         settings = localstack.resolve(settings, ("postgres", "kafka"))
         conn = load.connect(settings.database)

@@ -259,7 +259,7 @@ def copy_rejections(cur, frame: pd.DataFrame, source_text: str, source: Sources)
     if not len(frame):
         return 0
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
+    writer = csv.writer(buffer, lineterminator="\n", quoting=csv.QUOTE_ALL)  # a bare CR too
     sources = np.broadcast_to(np.asarray(source), len(frame)).tolist()
     writer.writerows(zip([source_text] * len(frame), frame["locator"], frame["payload"],
                          frame["reason"], frame["detail"], sources, frame["position"]))

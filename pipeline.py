@@ -31,6 +31,7 @@ from settings import (
     PROJECT_DIR,
     Settings,
     SettingsError,
+    environment_secrets,
     load_settings,
     read_environment,
     redact,
@@ -232,6 +233,7 @@ def _copy_outcome(cur, outcome: transform.Outcome, uri: str, source: int) -> Non
 def _reject_all(parsed: transform.ParsedEvents, why: str):
     """With a wrong header no line can be trusted: every one is kept as a `bad_header` rejection."""
     events = parsed.events[["position", "payload"]].copy()
+    events["payload"] = [p.replace("\x00", "\\x00") for p in events["payload"]]
     events.insert(1, "locator", events["position"].astype(str))
     events["reason"] = "bad_header"
     events["detail"] = why
@@ -349,9 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     secrets: list[str] = []
     try:
         env = read_environment()
-        settings = load_settings(env)
-        secrets = settings.secrets()
+        secrets = environment_secrets(env)
         protect_secrets(secrets)
+        settings = load_settings(env)
         local_db = settings.database is None
         settings = localstack.resolve(settings, ("postgres", "s3"))
         bucket = args.bucket or env.get("BUCKET") or DEFAULT_BUCKET
@@ -362,8 +364,12 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         log.error("configuration error: %s", redact(str(exc), secrets))
         return EXIT_CONFIG
-    except (RunError, load.DatabaseError, extract.SourceError, localstack.LocalStackError,
-            psycopg2.Error) as exc:
+    except psycopg2.Error as exc:  # after connecting: the server went away or refused a statement
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        log.error("run failed: PostgreSQL failed mid-run (%s); the object in progress was rolled "
+                  "back: rerun to finish", redact(text, secrets))
+        return EXIT_FAILED
+    except (RunError, load.DatabaseError, extract.SourceError, localstack.LocalStackError) as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         log.error("run failed: %s", redact(text, secrets))
         return EXIT_FAILED

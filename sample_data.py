@@ -885,6 +885,7 @@ def main(argv: list[str] | None = None) -> int:
     from settings import (
         DEFAULT_BUCKET,
         SettingsError,
+        environment_secrets,
         load_settings,
         read_environment,
         redact,
@@ -896,9 +897,9 @@ def main(argv: list[str] | None = None) -> int:
     bucket = args.bucket or DEFAULT_BUCKET
     try:
         env = read_environment()
-        settings = load_settings(env)
-        secrets = settings.secrets()
+        secrets = environment_secrets(env)
         protect_secrets(secrets)
+        settings = load_settings(env)
         settings = localstack.resolve(settings, ("s3",))
         bucket = args.bucket or env.get("BUCKET") or DEFAULT_BUCKET
         client = make_s3_client(settings.s3)

@@ -215,6 +215,16 @@ def load_settings(env: Mapping[str, str]) -> Settings:
                     opening_time=opening, closing_time=closing)
 
 
+SECRET_KEYS = ("DB_PASS", "AWS_SECRET_ACCESS_KEY", "AWS_SECRET_KEY", "PASSWORD")
+
+
+def environment_secrets(env: Mapping[str, str]) -> list[str]:
+    """The secret values of a raw environment, known before any setting is checked, so that
+    even an error about a mistyped setting cannot echo a secret pasted into it."""
+    return [value for key in SECRET_KEYS if (value := (env.get(key) or "").strip())
+            and len(value) >= 3]
+
+
 def redact(text: str, secrets: list[str]) -> str:
     """Remove secret values from a message before it is shown or logged."""
     for secret in secrets:

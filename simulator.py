@@ -18,14 +18,21 @@ from confluent_kafka.admin import AdminClient, NewTopic
 import localstack
 from logsetup import protect_secrets, setup_logging
 from sample_data import generate_messages
-from settings import KafkaSettings, SettingsError, load_settings, read_environment, redact
+from settings import (
+    KafkaSettings,
+    SettingsError,
+    environment_secrets,
+    load_settings,
+    read_environment,
+    redact,
+)
 
 log = logging.getLogger("simulator")
 
 
 def ensure_topic(kafka: KafkaSettings, topic: str, partitions: int) -> None:
     """Create the topic when it does not exist (the local broker starts empty)."""
-    admin = AdminClient(kafka.client_config())
+    admin = AdminClient({**kafka.client_config(), "logger": logging.getLogger("librdkafka")})
     existing = admin.list_topics(timeout=10).topics
     if topic in existing:
         return
@@ -52,7 +59,8 @@ def send_messages(kafka: KafkaSettings, topic: str, payloads: list[bytes], rate:
         else:
             failures.append(err)
 
-    producer = Producer({**kafka.client_config(), "linger.ms": 20, "batch.num.messages": 10000,
+    producer = Producer({**kafka.client_config(), "logger": logging.getLogger("librdkafka"),
+                         "linger.ms": 20, "batch.num.messages": 10000,
                          "queue.buffering.max.messages": 500000})
     started = time.monotonic()
     for i, payload in enumerate(payloads):
@@ -95,9 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("console", "simulator")
     secrets: list[str] = []
     try:
-        settings = load_settings(read_environment())
-        secrets = settings.secrets()
+        env = read_environment()
+        secrets = environment_secrets(env)
         protect_secrets(secrets)
+        settings = load_settings(env)
         settings = localstack.resolve(settings, ("kafka",))
         topic = args.topic or settings.topic
         ensure_topic(settings.kafka, topic, args.partitions)

@@ -132,7 +132,13 @@ def parse_csv_lines(lines: Sequence[str], first_line_no: int) -> ParsedEvents:
         line = lines[i]
         if not line or line.isspace():
             continue
-        parts = next(csv.reader([line])) if '"' in line else line.split(",")
+        try:
+            parts = next(csv.reader([line])) if '"' in line else line.split(",")
+        except csv.Error as exc:  # a bare CR inside quotes, a field beyond csv's size limit
+            bad_positions.append(first_line_no + i)
+            bad_raws.append(line.replace("\x00", "\\x00"))
+            bad_details.append(f"not a readable CSV line: {exc}")
+            continue
         if len(parts) == 4:
             quoted_positions.append(first_line_no + i)
             quoted_lines.append(line)
