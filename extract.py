@@ -21,7 +21,7 @@ log = logging.getLogger("extract")
 
 KIOSK_KEY = re.compile(r"lmnh_hist_data_(\d+)\.csv")
 EXHIBITION_KEY = re.compile(r"lmnh_exhibition_[^/]+\.json")
-CHUNK_BYTES = 8 * 1024 * 1024
+CHUNK_BYTES = 4 * 1024 * 1024  # ~160,000 rows: bounded memory, COPY overlaps validation
 
 
 class SourceError(RuntimeError):

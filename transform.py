@@ -320,15 +320,31 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 
 
+# Parsed `at` texts, kept across chunks and batches: a day of kiosk data has ~33,000 distinct
+# seconds however many rows it has, so every chunk of an object repeats most of them.
+_AT_CACHE: dict[str, dict[str, tuple[int, int, int]]] = {}
+_AT_CACHE_SIZE = 200_000
+
+
 def _timestamps(column: pd.Series, zone: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Vectorised `_parse_at`: each distinct value is parsed once (kiosk rows share seconds)."""
     codes, uniques = pd.factorize(column, use_na_sentinel=True)
     tz = ZoneInfo(zone)
-    parsed = [_parse_at(v, tz) for v in np.asarray(uniques, dtype=object)] + [(1, 0, 0)]
-    state = np.fromiter((p[0] for p in parsed), dtype=np.int8, count=len(parsed))
-    utc = np.fromiter((p[1] for p in parsed), dtype=np.int64, count=len(parsed))
-    tod = np.fromiter((p[2] for p in parsed), dtype=np.int64, count=len(parsed))
-    return state[codes], utc[codes], tod[codes]
+    cache = _AT_CACHE.setdefault(zone, {})
+    if len(cache) > _AT_CACHE_SIZE:
+        cache.clear()
+    parsed = []
+    append, lookup = parsed.append, cache.get
+    for value in np.asarray(uniques, dtype=object):
+        hit = lookup(value) if value.__class__ is str else None
+        if hit is None:
+            hit = _parse_at(value, tz)
+            if value.__class__ is str:
+                cache[value] = hit
+        append(hit)
+    append((1, 0, 0))  # code -1: None / NaN
+    table = np.array(parsed, dtype=np.int64)
+    return table[codes, 0], table[codes, 1], table[codes, 2]
 
 
 def _time_us(t: time) -> int:
