@@ -437,8 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="stop cleanly after N messages")
     parser.add_argument("--stop-at-end", action="store_true",
                         help="stop cleanly once every assigned partition is fully consumed")
-    parser.add_argument("--batch-size", type=int, default=5000,
-                        help="most messages per batch / transaction (default: 5000)")
+    parser.add_argument("--batch-size", type=int, default=20000,
+                        help="most messages per batch / transaction (default: 20000)")
     parser.add_argument("--session-timeout-ms", type=int, default=6000,
                         help="Kafka session timeout; a group join takes about half of it "
                              "(default: 6000)")
