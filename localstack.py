@@ -223,6 +223,16 @@ def _stop_postgres(info: dict) -> None:
         _pg_ctl(["-m", "fast", "-w", "stop"], data, _pg_user())
 
 
+def pg_control(info: dict, action: str) -> None:
+    """Stop, start or reload a local PostgreSQL in place (same data, same port): used to
+    rehearse outages. Raises LocalStackError if pg_ctl fails."""
+    args = {"stop": ["-m", "fast", "-w", "stop"], "start": ["-l", info["log"], "-w", "start"],
+            "reload": ["reload"]}[action]
+    result = _pg_ctl(args, Path(info["data"]), _pg_user())
+    if result.returncode != 0:
+        raise LocalStackError(f"pg_ctl {action} failed: {result.stderr.strip()}")
+
+
 def _postgres_running(info: dict) -> bool:
     return _pid_alive(info.get("pid")) and port_open(info.get("port", 0))
 

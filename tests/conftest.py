@@ -98,6 +98,22 @@ def conn(db):
     connection.close()
 
 
+@pytest.fixture
+def private_pg(tmp_path):
+    """A PostgreSQL server of this test's own, with the schema, which the test may stop and
+    start (localstack.pg_control) without disturbing any other test; yields (info, settings)."""
+    state_dir = tmp_path / "stack"
+    try:
+        info = localstack.up(("postgres",), state_dir=state_dir)["postgres"]
+        db = localstack.database_settings(info)
+        conn = load.connect(db)
+        load.apply_schema(conn, (PROJECT / "schema.sql").read_text())
+        conn.close()
+        yield info, db
+    finally:
+        localstack.down(state_dir)
+
+
 @pytest.fixture(scope="session")
 def s3_settings(stack) -> S3Settings:
     return localstack.s3_settings(stack["s3"])

@@ -596,34 +596,6 @@ def test_a_frozen_consumer_that_wakes_after_losing_its_partitions_stores_nothing
 
 
 # --------------------------------------------------------------------------- 5. PostgreSQL restart
-@pytest.fixture
-def private_pg(tmp_path):
-    """A PostgreSQL server of this test's own (it will be stopped and started), with the schema;
-    yields (its local-stack info, its DatabaseSettings)."""
-    state_dir = tmp_path / "stack"
-    try:
-        info = localstack.up(("postgres",), state_dir=state_dir)["postgres"]
-        db = localstack.database_settings(info)
-        conn = load.connect(db)
-        load.apply_schema(conn, (PROJECT / "schema.sql").read_text())
-        conn.close()
-        yield info, db
-    finally:
-        localstack.down(state_dir)
-
-
-def pg_stop(info: dict) -> None:
-    result = localstack._pg_ctl(["-m", "fast", "-w", "stop"], Path(info["data"]),
-                                localstack._pg_user())
-    assert result.returncode == 0, result.stderr
-
-
-def pg_start(info: dict) -> None:
-    result = localstack._pg_ctl(["-l", info["log"], "-w", "start"], Path(info["data"]),
-                                localstack._pg_user())
-    assert result.returncode == 0, result.stderr
-
-
 def private_env(db, kafka) -> dict[str, str]:
     return {**os.environ, "DB_HOST": db.host, "DB_PORT": str(db.port), "DB_NAME": db.name,
             "DB_USER": db.user, "BOOTSTRAP_SERVERS": kafka.bootstrap_servers}
@@ -640,12 +612,12 @@ def test_database_restart_mid_stream_is_ridden_out(kafka_settings, topic, privat
     wait_for(lambda: progress(conn, topic) == 4000, 60, "the first 4,000 messages", proc)
     conn.close()
 
-    pg_stop(info)
+    localstack.pg_control(info, "stop")
     placed.update(produce(kafka_settings, topic, payloads[4000:]))  # arrives while it is down
     wait_for(lambda: "database unavailable" in log_text(proc), 30, "the outage to be noticed", proc)
     time.sleep(4)  # several retries (0.5 s, 1 s, 2 s backoff) while the server is away
     assert proc.poll() is None, log_text(proc)
-    pg_start(info)
+    localstack.pg_control(info, "start")
 
     conn = load.connect(db)
     try:
@@ -852,7 +824,7 @@ def test_sigterm_while_the_database_is_down_exits_0_and_loses_nothing(
     conn = load.connect(db)
     wait_for(lambda: progress(conn, topic) == 2000, 60, "the first 2,000 messages", proc)
     conn.close()
-    pg_stop(info)
+    localstack.pg_control(info, "stop")
     try:
         placed.update(produce(kafka_settings, topic, payloads[2000:]))
         wait_for(lambda: "database unavailable" in log_text(proc), 30, "the outage", proc)
@@ -864,7 +836,7 @@ def test_sigterm_while_the_database_is_down_exits_0_and_loses_nothing(
             code = None
         assert code == 0, f"exit {code} within 2.5 s of SIGTERM:\n{log_text(proc)}"
     finally:
-        pg_start(info)
+        localstack.pg_control(info, "start")
     conn = load.connect(db)
     try:
         assert_consistent_prefix(conn, topic)
@@ -895,7 +867,7 @@ def test_rebalance_during_a_database_outage_loses_nothing(kafka_settings, privat
     for proc in (first, second):
         assert "batch:" in log_text(proc), f"{proc.log_path.name} got no partition"
 
-    pg_stop(info)
+    localstack.pg_control(info, "stop")
     try:
         placed.update(produce(kafka_settings, topic, payloads[3000:], partitions=3))
         for proc in (first, second):
@@ -908,7 +880,7 @@ def test_rebalance_during_a_database_outage_loses_nothing(kafka_settings, privat
                  "the reassignment during the outage", first)
         time.sleep(2)
     finally:
-        pg_start(info)
+        localstack.pg_control(info, "start")
     conn = load.connect(db)
     try:
         wait_settled(conn, topic, 6000, 60, first)

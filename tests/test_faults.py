@@ -80,29 +80,6 @@ def event_lines(body: bytes, header_ok: bool) -> int:
 
 
 # --------------------------------------------------------------------------- PostgreSQL restart
-@pytest.fixture
-def private_postgres(tmp_path):
-    """A PostgreSQL of this test's own, so stopping it disturbs no other test."""
-    state_dir = tmp_path / "stack"
-    info = localstack.up(("postgres",), state_dir=state_dir)["postgres"]
-    db = localstack.database_settings(info)
-    conn = load.connect(db)
-    load.apply_schema(conn, (PROJECT / "schema.sql").read_text())
-    conn.close()
-    yield info, db
-    localstack.down(state_dir)
-
-
-def _pg_stop(info: dict) -> None:
-    result = localstack._pg_ctl(["-m", "fast", "-w", "stop"], Path(info["data"]),
-                                localstack._pg_user())
-    assert result.returncode == 0, result.stderr
-
-
-def _pg_start(info: dict) -> None:
-    result = localstack._pg_ctl(["-l", info["log"], "-w", "start"], Path(info["data"]),
-                                localstack._pg_user())
-    assert result.returncode == 0, result.stderr
 
 
 def _copy_in_progress(db) -> bool:
@@ -123,8 +100,8 @@ def _copy_in_progress(db) -> bool:
 
 @pytest.mark.slow
 def test_postgres_restart_mid_object_loses_nothing_and_a_rerun_completes_exactly(
-        private_postgres, s3, s3_settings, bucket):
-    info, db = private_postgres
+        private_pg, s3, s3_settings, bucket):
+    info, db = private_pg
     small = sample_data.generate_kiosk_csv(2000, seed=31)
     rows_big = 1_000_000
     big = sample_data.generate_kiosk_csv(rows_big, seed=32, anomalies=False)
@@ -142,13 +119,13 @@ def test_postgres_restart_mid_object_loses_nothing_and_a_rerun_completes_exactly
             assert proc.poll() is None, "the run ended before the big object was being loaded"
             assert time.monotonic() < deadline, "the big object never started loading"
             time.sleep(0.02)
-        _pg_stop(info)
+        localstack.pg_control(info, "stop")
         assert proc.poll() is None, "the run finished before PostgreSQL was stopped"
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
-    _pg_start(info)
+    localstack.pg_control(info, "start")
 
     # The run failed cleanly: non-zero, no traceback, no summary, one error line at the end.
     assert proc.returncode == 1, (out, err)

@@ -115,8 +115,7 @@ def scram_postgres(tmp_path_factory):
     hba = Path(info["data"]) / "pg_hba.conf"
     hba.write_text("host all postgres 127.0.0.1/32 trust\n"
                    "host all all 127.0.0.1/32 scram-sha-256\n")
-    reload = localstack._pg_ctl(["reload"], Path(info["data"]), localstack._pg_user())
-    assert reload.returncode == 0, reload.stderr
+    localstack.pg_control(info, "reload")
     time.sleep(0.3)  # the postmaster rereads pg_hba.conf on SIGHUP
     yield info, db
     localstack.down(state_dir)
