@@ -329,22 +329,53 @@ _AT_CACHE_SIZE = 200_000
 def _timestamps(column: pd.Series, zone: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Vectorised `_parse_at`: each distinct value is parsed once (kiosk rows share seconds)."""
     codes, uniques = pd.factorize(column, use_na_sentinel=True)
+    values = np.asarray(uniques, dtype=object)
+    table = np.zeros((len(values) + 1, 3), dtype=np.int64)
+    table[-1, 0] = 1  # code -1: None / NaN, missing
+    done = _parse_kafka_form(values, zone, table)
     tz = ZoneInfo(zone)
     cache = _AT_CACHE.setdefault(zone, {})
     if len(cache) > _AT_CACHE_SIZE:
         cache.clear()
-    parsed = []
-    append, lookup = parsed.append, cache.get
-    for value in np.asarray(uniques, dtype=object):
+    lookup = cache.get
+    for i in np.flatnonzero(~done):
+        value = values[i]
         hit = lookup(value) if value.__class__ is str else None
         if hit is None:
             hit = _parse_at(value, tz)
             if value.__class__ is str:
                 cache[value] = hit
-        append(hit)
-    append((1, 0, 0))  # code -1: None / NaN
-    table = np.array(parsed, dtype=np.int64)
+        table[i] = hit
     return table[codes, 0], table[codes, 1], table[codes, 2]
+
+
+# The form every live kiosk message uses: microseconds and a numeric offset.
+_KAFKA_AT = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}[+-]\d{2}:\d{2}")
+
+
+def _parse_kafka_form(values: np.ndarray, zone: str, table: np.ndarray) -> np.ndarray:
+    """Parse the values in the live feed's exact form in one vectorised call (they are all
+    distinct, so the per-value cache cannot help); fill `table` rows, return which were done.
+    Anything else, or anything this parse refuses, is left to `_parse_at`."""
+    done = np.zeros(len(values), dtype=bool)
+    if len(values) < 256:
+        return done
+    match = _KAFKA_AT.fullmatch
+    form = np.fromiter((v.__class__ is str and len(v) == 32 and match(v) is not None
+                        for v in values), dtype=bool, count=len(values))
+    if not form.any():
+        return done
+    where = np.flatnonzero(form)
+    moments = pd.to_datetime(pd.Series(values[where], dtype=object),
+                             format="%Y-%m-%dT%H:%M:%S.%f%z", utc=True, errors="coerce")
+    ok = moments.notna().to_numpy()
+    moments = moments[ok].dt.as_unit("us")
+    local = moments.dt.tz_convert(zone).dt.tz_localize(None).astype("int64").to_numpy()
+    rows = where[ok]
+    table[rows, 1] = moments.astype("int64").to_numpy()
+    table[rows, 2] = local % 86_400_000_000
+    done[rows] = True
+    return done
 
 
 def _time_us(t: time) -> int:

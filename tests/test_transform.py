@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
-from datetime import UTC, datetime, time, timedelta
+from datetime import UTC, datetime, time, timedelta, timezone
 from zoneinfo import ZoneInfo
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -817,3 +818,26 @@ def test_parse_exhibition_rejects_malformed_objects(raw):
     with pytest.raises(ExhibitionError) as caught:
         transform.parse_exhibition(raw)
     assert str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_vectorised_live_form_agrees_with_the_per_value_parser():
+    """The live feed's timestamps are parsed in one vectorised call; every value must get the
+    same (state, UTC instant, local time of day) as the per-value parser, across both DST
+    changes and both offsets."""
+    from zoneinfo import ZoneInfo
+    td = timedelta
+    london = ZoneInfo("Europe/London")
+    start = datetime(2024, 3, 30, 8, 0, tzinfo=UTC)
+    texts = []
+    for i in range(3000):
+        moment = start + td(minutes=7 * i, microseconds=i * 37)
+        offset = london if i % 3 else (UTC if i % 2 else timezone(td(hours=-5)))
+        texts.append(moment.astimezone(offset).isoformat(timespec="microseconds"))
+    texts += ["2024-10-27T01:30:00.000000+01:00", "2024-13-27T01:30:00.000000+01:00"]
+    state, utc, tod = transform._timestamps(pd.Series(texts, dtype=object), "Europe/London")
+    expected = [transform._parse_at(t, london) for t in texts]
+    assert [tuple(x) for x in zip(state, utc, tod)] == expected
+    assert expected[-1][0] == 2  # month 13: invalid either way
+    table = np.zeros((len(texts) + 1, 3), dtype=np.int64)
+    done = transform._parse_kafka_form(np.array(texts, dtype=object), "Europe/London", table)
+    assert done.sum() == len(texts) - 1  # the vectorised path really took them
