@@ -320,9 +320,33 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 
 
-# Parsed `at` texts, kept across chunks and batches: a day of kiosk data has ~33,000 distinct
-# seconds however many rows it has, so every chunk of an object repeats most of them.
-_AT_CACHE: dict[str, dict[str, tuple[int, int, int]]] = {}
+class _ParsedAt:
+    """`_parse_at` results kept across chunks and batches: a day of kiosk data has ~33,000
+    distinct seconds however many rows it has, so every chunk of an object repeats most of
+    them. Texts map to rows of one array, so a chunk's lookups cost one dict probe each."""
+
+    def __init__(self, zone: ZoneInfo):
+        self.zone = zone
+        self.index: dict[str, int] = {}
+        self.rows = np.zeros((0, 3), dtype=np.int64)
+
+    def rows_for(self, values: np.ndarray) -> np.ndarray:
+        found, new = [], []
+        lookup, size = self.index.get, len(self.rows)
+        for value in values:
+            row = lookup(value) if value.__class__ is str else None
+            if row is None:
+                row = size + len(new)
+                new.append(_parse_at(value, self.zone))
+                if value.__class__ is str:
+                    self.index[value] = row
+            found.append(row)
+        if new:
+            self.rows = np.concatenate([self.rows, np.array(new, dtype=np.int64)])
+        return self.rows[np.array(found, dtype=np.int64)]
+
+
+_AT_CACHE: dict[str, _ParsedAt] = {}
 _AT_CACHE_SIZE = 200_000
 
 
@@ -333,19 +357,12 @@ def _timestamps(column: pd.Series, zone: str) -> tuple[np.ndarray, np.ndarray, n
     table = np.zeros((len(values) + 1, 3), dtype=np.int64)
     table[-1, 0] = 1  # code -1: None / NaN, missing
     done = _parse_kafka_form(values, zone, table)
-    tz = ZoneInfo(zone)
-    cache = _AT_CACHE.setdefault(zone, {})
-    if len(cache) > _AT_CACHE_SIZE:
-        cache.clear()
-    lookup = cache.get
-    for i in np.flatnonzero(~done):
-        value = values[i]
-        hit = lookup(value) if value.__class__ is str else None
-        if hit is None:
-            hit = _parse_at(value, tz)
-            if value.__class__ is str:
-                cache[value] = hit
-        table[i] = hit
+    rest = np.flatnonzero(~done)
+    if len(rest):
+        cache = _AT_CACHE.get(zone)
+        if cache is None or len(cache.rows) > _AT_CACHE_SIZE:
+            cache = _AT_CACHE[zone] = _ParsedAt(ZoneInfo(zone))
+        table[rest] = cache.rows_for(values[rest])
     return table[codes, 0], table[codes, 1], table[codes, 2]
 
 
@@ -358,9 +375,9 @@ def _parse_kafka_form(values: np.ndarray, zone: str, table: np.ndarray) -> np.nd
     distinct, so the per-value cache cannot help); fill `table` rows, return which were done.
     Anything else, or anything this parse refuses, is left to `_parse_at`."""
     done = np.zeros(len(values), dtype=bool)
-    if len(values) < 256:
-        return done
     match = _KAFKA_AT.fullmatch
+    if len(values) < 256 or not any(v.__class__ is str and match(v) for v in values[:64]):
+        return done  # few values, or not the live form (kiosk CSV): the per-value path
     form = np.fromiter((v.__class__ is str and len(v) == 32 and match(v) is not None
                         for v in values), dtype=bool, count=len(values))
     if not form.any():
