@@ -85,13 +85,6 @@ class Settings:
     closing_time: time = time(18, 15)
     future_tolerance_seconds: int = 300
 
-    def secrets(self) -> list[str]:
-        """Values that must never reach a log line or an error message."""
-        values = [self.database.password if self.database else None,
-                  self.s3.secret_key if self.s3 else None,
-                  self.kafka.password if self.kafka else None]
-        return [v for v in values if v and len(v) >= 3]
-
     def with_services(self, **services) -> Settings:
         return replace(self, **services)
 

@@ -5,7 +5,7 @@ from datetime import time
 
 import pytest
 
-from settings import SettingsError, load_settings, read_environment, redact
+from settings import SettingsError, environment_secrets, load_settings, read_environment, redact
 
 
 def test_nothing_configured_means_local_stack_everywhere():
@@ -16,17 +16,18 @@ def test_nothing_configured_means_local_stack_everywhere():
 
 
 def test_seed_names_are_read():
-    s = load_settings({"DB_HOST": "db.example", "DB_PORT": "6543", "DB_NAME": "museum",
-                       "DB_USER": "loader", "DB_PASS": "pw-123", "AWS_ACCESS_KEY": "AKIA1",
-                       "AWS_SECRET_ACCESS_KEY": "sk-456", "BOOTSTRAP_SERVERS": "b1:9092,b2:9092",
-                       "SECURITY_PROTOCOL": "SASL_SSL", "SASL_MECHANISM": "PLAIN",
-                       "USERNAME": "kuser", "PASSWORD": "kp-789", "TOPIC": "lmnh2"})
+    env = {"DB_HOST": "db.example", "DB_PORT": "6543", "DB_NAME": "museum",
+           "DB_USER": "loader", "DB_PASS": "pw-123", "AWS_ACCESS_KEY": "AKIA1",
+           "AWS_SECRET_ACCESS_KEY": "sk-456", "BOOTSTRAP_SERVERS": "b1:9092,b2:9092",
+           "SECURITY_PROTOCOL": "SASL_SSL", "SASL_MECHANISM": "PLAIN",
+           "USERNAME": "kuser", "PASSWORD": "kp-789", "TOPIC": "lmnh2"}
+    s = load_settings(env)
     assert (s.database.host, s.database.port, s.database.user) == ("db.example", 6543, "loader")
     assert s.s3.access_key == "AKIA1" and s.s3.endpoint_url is None
     assert s.kafka.client_config()["sasl.username"] == "kuser"
     assert s.kafka.client_config()["security.protocol"] == "SASL_SSL"
     assert s.topic == "lmnh2"
-    assert sorted(s.secrets()) == ["kp-789", "pw-123", "sk-456"]
+    assert sorted(environment_secrets(env)) == ["kp-789", "pw-123", "sk-456"]
 
 
 def test_standard_aws_names_and_endpoint():
