@@ -26,8 +26,8 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 import load
 import localstack
 import transform
-from logsetup import protect_secrets, setup_logging
-from settings import Settings, SettingsError, environment_secrets, load_settings, read_environment, redact
+from logsetup import read_protected_environment, setup_logging
+from settings import Settings, SettingsError, load_settings, redact
 
 log = logging.getLogger("consumer")
 
@@ -457,9 +457,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SettingsError(f"--max-messages must be positive, got {args.max_messages}")
         if args.batch_size <= 0:
             raise SettingsError(f"--batch-size must be positive, got {args.batch_size}")
-        env = read_environment()
-        secrets = environment_secrets(env)
-        protect_secrets(secrets)
+        env, secrets = read_protected_environment()
         settings = load_settings(env)
         local_db = settings.database is None
         settings = localstack.resolve(settings, ("postgres", "kafka"))

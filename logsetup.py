@@ -5,7 +5,7 @@ import logging
 import sys
 from pathlib import Path
 
-from settings import PROJECT_DIR, redact
+from settings import PROJECT_DIR, environment_secrets, read_environment, redact
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -53,3 +53,13 @@ def protect_secrets(secrets: list[str]) -> None:
     for handler in logging.getLogger().handlers:
         if getattr(handler, "lmnh", False):
             handler.addFilter(RedactingFilter(secrets))
+
+
+def read_protected_environment() -> tuple[dict[str, str], list[str]]:
+    """The environment (over `.env`) and its secret values, with every log handler already
+    redacting them: done before any setting is checked, so that even an error about a
+    mistyped setting cannot echo a secret pasted into it."""
+    env = read_environment()
+    secrets = environment_secrets(env)
+    protect_secrets(secrets)
+    return env, secrets

@@ -25,15 +25,13 @@ import extract
 import load
 import localstack
 import transform
-from logsetup import protect_secrets, setup_logging
+from logsetup import read_protected_environment, setup_logging
 from settings import (
     DEFAULT_BUCKET,
     PROJECT_DIR,
     Settings,
     SettingsError,
-    environment_secrets,
     load_settings,
-    read_environment,
     redact,
 )
 
@@ -350,9 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_output, "pipeline", args.log_file, args.verbose)
     secrets: list[str] = []
     try:
-        env = read_environment()
-        secrets = environment_secrets(env)
-        protect_secrets(secrets)
+        env, secrets = read_protected_environment()
         settings = load_settings(env)
         local_db = settings.database is None
         settings = localstack.resolve(settings, ("postgres", "s3"))

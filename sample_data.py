@@ -881,13 +881,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import localstack
     from extract import describe_s3_error, make_s3_client
-    from logsetup import protect_secrets, setup_logging
+    from logsetup import read_protected_environment, setup_logging
     from settings import (
         DEFAULT_BUCKET,
         SettingsError,
-        environment_secrets,
         load_settings,
-        read_environment,
         redact,
     )
 
@@ -896,9 +894,7 @@ def main(argv: list[str] | None = None) -> int:
     secrets: list[str] = []
     bucket = args.bucket or DEFAULT_BUCKET
     try:
-        env = read_environment()
-        secrets = environment_secrets(env)
-        protect_secrets(secrets)
+        env, secrets = read_protected_environment()
         settings = load_settings(env)
         settings = localstack.resolve(settings, ("s3",))
         bucket = args.bucket or env.get("BUCKET") or DEFAULT_BUCKET

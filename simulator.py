@@ -16,14 +16,12 @@ from confluent_kafka import KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 import localstack
-from logsetup import protect_secrets, setup_logging
+from logsetup import read_protected_environment, setup_logging
 from sample_data import generate_messages
 from settings import (
     KafkaSettings,
     SettingsError,
-    environment_secrets,
     load_settings,
-    read_environment,
     redact,
 )
 
@@ -103,9 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("console", "simulator")
     secrets: list[str] = []
     try:
-        env = read_environment()
-        secrets = environment_secrets(env)
-        protect_secrets(secrets)
+        env, secrets = read_protected_environment()
         settings = load_settings(env)
         settings = localstack.resolve(settings, ("kafka",))
         topic = args.topic or settings.topic

@@ -173,12 +173,9 @@ def _objects(*parts: list) -> np.ndarray:
     return out
 
 
-def _field_value(value: Any) -> Any:
-    """A JSON value as validate_events expects it: text, number or None; anything else is text
-    that no rule accepts (booleans are not integers, objects are not timestamps)."""
-    return value if value.__class__ in _PLAIN else json.dumps(value)
-
-
+# JSON values validate_events takes as they are; any other (a boolean, a list, an object) is
+# passed on as its JSON text, which no rule accepts (booleans are not integers, objects are not
+# timestamps).
 _PLAIN = frozenset({str, int, float, type(None)})
 
 
