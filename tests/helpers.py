@@ -1,6 +1,8 @@
 """Small assertions helpers shared by the tests (fixtures live in conftest.py)."""
 from __future__ import annotations
 
+import signal
+
 
 def scalar(conn, query: str, params=None):
     """One value from a query; the read transaction is ended so later writes are seen."""
@@ -27,3 +29,14 @@ def table_counts(conn) -> dict[str, int]:
 
 def reason_counts(conn) -> dict[str, int]:
     return dict(rows(conn, "SELECT reason, count(*) FROM rejected_event GROUP BY reason"))
+
+
+def run_consumer_in_process(*argv: str) -> int:
+    """consumer.main(argv) in this process, leaving pytest's signal handlers as they were."""
+    import consumer
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return consumer.main(list(argv))
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)

@@ -35,7 +35,7 @@ import localstack
 import sample_data
 import transform
 from conftest import create_topic
-from helpers import reason_counts, rows, scalar, table_counts
+from helpers import reason_counts, rows, run_consumer_in_process, scalar, table_counts
 
 PROJECT = Path(__file__).resolve().parent.parent
 LONDON = ZoneInfo("Europe/London")
@@ -312,16 +312,6 @@ def assert_exact(conn, topic: str, placed: dict[Position, bytes], **classifier_a
     return Counter(expected.values())
 
 
-def run_in_process(*argv: str) -> int:
-    """consumer.main(argv) in this process, leaving pytest's signal handlers as they were."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        return consumer.main(list(argv))
-    finally:
-        for s, handler in saved.items():
-            signal.signal(s, handler)
-
-
 def wait_for(condition: Callable[[], object], timeout: float, what: str, proc=None,
              interval: float = 0.05):
     deadline = time.monotonic() + timeout
@@ -408,7 +398,7 @@ def test_mixed_stream_lands_exactly_as_the_reference_classifier_says(
     assert placed[(0, 1500)] == b""
 
     caplog.set_level("INFO")
-    assert run_in_process("--topic", topic, "--group", group_name(), "--stop-at-end",
+    assert run_consumer_in_process("--topic", topic, "--group", group_name(), "--stop-at-end",
                           "--batch-size", "1000") == 0
 
     outcome_counts = assert_exact(conn, topic, placed)
@@ -469,7 +459,7 @@ def test_max_messages_stops_after_exactly_n_and_the_group_resumes_there(
     placed = produce(kafka_settings, topic, sample_data.generate_messages(1000, seed=12))
     group = group_name()
     caplog.set_level("INFO")
-    assert run_in_process("--topic", topic, "--group", group, "--max-messages", "337",
+    assert run_consumer_in_process("--topic", topic, "--group", group, "--max-messages", "337",
                           "--batch-size", "100") == 0
     first = assert_consistent_prefix(conn, topic)
     assert set(first) == {(0, i) for i in range(337)}
@@ -478,7 +468,7 @@ def test_max_messages_stops_after_exactly_n_and_the_group_resumes_there(
     assert first == {pos: o for pos, o in expected_outcomes(placed).items() if pos in first}
 
     caplog.clear()
-    assert run_in_process("--topic", topic, "--group", group, "--stop-at-end") == 0
+    assert run_consumer_in_process("--topic", topic, "--group", group, "--stop-at-end") == 0
     assert_exact(conn, topic, placed)
     summary = [r.getMessage() for r in caplog.records if "consumer summary" in r.getMessage()]
     # it resumed at 337: it read only the rest, and nothing it read was already stored
@@ -711,7 +701,7 @@ def test_emergency_call_is_logged_as_a_warning_naming_the_exhibition(
         message(at=f"{DAY}T14:08:00+01:00", site="3", val=-1, type=9),   # not a call at all
     ])
     caplog.set_level("INFO")
-    assert run_in_process("--topic", topic, "--group", group_name(), "--stop-at-end") == 0
+    assert run_consumer_in_process("--topic", topic, "--group", group_name(), "--stop-at-end") == 0
     assert_exact(conn, topic, placed)
     warnings = [r.getMessage() for r in caplog.records
                 if r.levelname == "WARNING" and "emergency" in r.getMessage().lower()]
@@ -735,7 +725,7 @@ def test_opening_hours_come_from_configuration(kafka_settings, topic, service_en
         message(at=f"{DAY} 20:00:00", site="1", val=3),
         message(at=f"{DAY}T19:00:00.000001Z", site="1", val=4),
     ])
-    assert run_in_process("--topic", topic, "--group", group_name(), "--stop-at-end") == 0
+    assert run_consumer_in_process("--topic", topic, "--group", group_name(), "--stop-at-end") == 0
     outcomes = assert_exact(conn, topic, placed, opening_hours=(
         datetime.strptime("10:00", "%H:%M").time(), datetime.strptime("20:00", "%H:%M").time()))
     assert outcomes == {"rating": 3, "outside_opening_hours": 2}

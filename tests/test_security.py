@@ -32,14 +32,13 @@ import pytest
 from confluent_kafka import Producer
 from psycopg2 import sql
 
-import consumer
 import load
 import localstack
 import pipeline
 import sample_data
 import transform
 from conftest import TEMPLATE_DB, admin_connection, create_topic
-from helpers import reason_counts, rows, scalar, table_counts
+from helpers import reason_counts, rows, run_consumer_in_process, scalar, table_counts
 
 PROJECT = Path(__file__).resolve().parent.parent
 DB_SECRET = "dbpass-Qx7S3cr3tDB"
@@ -72,16 +71,6 @@ def produce(kafka, topic: str, payloads: list[bytes]) -> None:
         producer.produce(topic, payload, partition=0,
                          on_delivery=lambda err, msg: err and failures.append(err))
     assert producer.flush(30) == 0 and not failures, failures
-
-
-def run_consumer_in_process(*argv: str) -> int:
-    """consumer.main(argv) here, leaving pytest's signal handlers as they were."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        return consumer.main(list(argv))
-    finally:
-        for s, handler in saved.items():
-            signal.signal(s, handler)
 
 
 # --------------------------------------------------------------------------- services
