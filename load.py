@@ -14,6 +14,7 @@ import struct
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -238,34 +239,66 @@ COPY_REJECTIONS = ("COPY rejected_event (source, locator, payload, reason, detai
                    "FORCE_NOT_NULL (source, locator, payload, reason, detail))")
 
 
-def copy_ratings(cur, frame: pd.DataFrame, source: Sources) -> int:
-    if len(frame):
-        cur.copy_expert(COPY_RATINGS, io.BytesIO(interaction_copy_bytes(frame, "rating_id", source)))
-    return len(frame)
+@dataclass(frozen=True)
+class PreparedCopy:
+    """One COPY statement and its data, built before the copy runs.
+
+    Building the data is Python work that needs the GIL; running it is libpq work that does not.
+    Keeping the two apart lets the background copier stream one chunk to the server without
+    waiting for the GIL while the main thread validates the next.
+    """
+
+    statement: str
+    data: bytes
+    rows: int
+
+    def run(self, cur) -> int:
+        if self.rows:
+            # One read of the whole buffer: psycopg2 reads `size` bytes at a time and takes the
+            # GIL for each read (8 KiB by default, hundreds of waits per chunk).
+            cur.copy_expert(self.statement, io.BytesIO(self.data), size=max(len(self.data), 8192))
+        return self.rows
 
 
-def copy_requests(cur, frame: pd.DataFrame, source: Sources) -> int:
-    if len(frame):
-        cur.copy_expert(COPY_REQUESTS,
-                        io.BytesIO(interaction_copy_bytes(frame, "request_id", source)))
-    return len(frame)
+def prepare_ratings(frame: pd.DataFrame, source: Sources) -> PreparedCopy:
+    data = interaction_copy_bytes(frame, "rating_id", source) if len(frame) else b""
+    return PreparedCopy(COPY_RATINGS, data, len(frame))
 
 
-def copy_rejections(cur, frame: pd.DataFrame, source_text: str, source: Sources) -> int:
+def prepare_requests(frame: pd.DataFrame, source: Sources) -> PreparedCopy:
+    data = interaction_copy_bytes(frame, "request_id", source) if len(frame) else b""
+    return PreparedCopy(COPY_REQUESTS, data, len(frame))
+
+
+def prepare_rejections(frame: pd.DataFrame, source_text: str, source: Sources) -> PreparedCopy:
     """Rejections are few and carry free text, so CSV (which quotes anything) is the format.
 
     FORCE_NOT_NULL keeps an empty payload (an empty Kafka message) an empty string, not NULL.
     """
     if not len(frame):
-        return 0
+        return PreparedCopy(COPY_REJECTIONS, b"", 0)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n", quoting=csv.QUOTE_ALL)  # a bare CR too
     sources = np.broadcast_to(np.asarray(source), len(frame)).tolist()
     writer.writerows(zip([source_text] * len(frame), frame["locator"], frame["payload"],
                          frame["reason"], frame["detail"], sources, frame["position"]))
-    buffer.seek(0)
-    cur.copy_expert(COPY_REJECTIONS, buffer)
-    return len(frame)
+    return PreparedCopy(COPY_REJECTIONS, buffer.getvalue().encode("utf-8"), len(frame))
+
+
+def run_copies(cur, copies: list[PreparedCopy]) -> int:
+    return sum(copy.run(cur) for copy in copies)
+
+
+def copy_ratings(cur, frame: pd.DataFrame, source: Sources) -> int:
+    return prepare_ratings(frame, source).run(cur)
+
+
+def copy_requests(cur, frame: pd.DataFrame, source: Sources) -> int:
+    return prepare_requests(frame, source).run(cur)
+
+
+def copy_rejections(cur, frame: pd.DataFrame, source_text: str, source: Sources) -> int:
+    return prepare_rejections(frame, source_text, source).run(cur)
 
 
 class BackgroundCopy:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import logging
 import sys
 import time
@@ -217,15 +218,12 @@ def _load_chunks(cur, copier, opened, obj, source, master, rules, now, row_budge
         result.ratings += len(outcome.ratings)
         result.requests += len(outcome.requests)
         result.rejected.update(outcome.reason_counts())
-        copier.submit(functools.partial(_copy_outcome, cur, outcome, obj.uri, source))
+        copies = [load.prepare_ratings(outcome.ratings, source),
+                  load.prepare_requests(outcome.requests, source),
+                  load.prepare_rejections(outcome.rejections, obj.uri, source)]
+        copier.submit(functools.partial(load.run_copies, cur, copies))
         if not result.complete:
             break
-
-
-def _copy_outcome(cur, outcome: transform.Outcome, uri: str, source: int) -> None:
-    load.copy_ratings(cur, outcome.ratings, source)
-    load.copy_requests(cur, outcome.requests, source)
-    load.copy_rejections(cur, outcome.rejections, uri, source)
 
 
 def _reject_all(parsed: transform.ParsedEvents, why: str):
@@ -378,4 +376,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # Everything imported so far lives until exit: frozen, the collector never walks it again,
+    # neither during the run nor at interpreter shutdown (~0.1 s of a million-row run).
+    gc.freeze()
     sys.exit(main())

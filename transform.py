@@ -334,13 +334,51 @@ class _ParsedAt:
             row = lookup(value) if value.__class__ is str else None
             if row is None:
                 row = size + len(new)
-                new.append(_parse_at(value, self.zone))
+                new.append(value)
                 if value.__class__ is str:
                     self.index[value] = row
             found.append(row)
         if new:
-            self.rows = np.concatenate([self.rows, np.array(new, dtype=np.int64)])
+            self.rows = np.concatenate([self.rows, _parse_ats(new, self.zone)])
         return self.rows[np.array(found, dtype=np.int64)]
+
+
+# The kiosk CSV form, `YYYY-MM-DD HH:MM:SS` local time, in the years pandas and zoneinfo agree on
+# without question; anything else goes through `_parse_at` one value at a time.
+_LOCAL_AT = re.compile(r"(?:19|20)[0-9]{2}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01]) "
+                       r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]")
+
+
+def _parse_ats(values: list, zone: ZoneInfo) -> np.ndarray:
+    """`_parse_at` over many values: rows of (state, UTC us, local time-of-day us).
+
+    Values in the kiosk form are parsed in one vectorised call (an object's first chunk holds
+    tens of thousands of distinct seconds); pandas' `nonexistent="NaT"` finds the hour skipped in
+    spring, and `ambiguous` True (summer time) takes an autumn hour's first occurrence, as
+    `_parse_at` does. Whatever that call refuses is left to `_parse_at`.
+    """
+    n = len(values)
+    out = np.zeros((n, 3), dtype=np.int64)
+    done = np.zeros(n, dtype=bool)
+    match = _LOCAL_AT.fullmatch
+    form = np.fromiter((v.__class__ is str and len(v) == 19 and match(v) is not None
+                        for v in values), dtype=bool, count=n)
+    if form.sum() >= 64:
+        where = np.flatnonzero(form)
+        naive = pd.to_datetime(pd.Series(np.asarray(values, dtype=object)[where], dtype=object),
+                               format="%Y-%m-%d %H:%M:%S", errors="coerce")
+        ok = naive.notna().to_numpy()
+        naive = naive[ok].dt.as_unit("us")
+        local = naive.dt.tz_localize(zone.key, ambiguous=np.ones(len(naive), dtype=bool),
+                                     nonexistent="NaT")
+        exists = local.notna().to_numpy()
+        rows = where[ok][exists]
+        out[rows, 1] = local[exists].astype("int64").to_numpy()
+        out[rows, 2] = naive[exists].astype("int64").to_numpy() % 86_400_000_000
+        done[rows] = True
+    for i in np.flatnonzero(~done):
+        out[i] = _parse_at(values[i], zone)
+    return out
 
 
 _AT_CACHE: dict[str, _ParsedAt] = {}

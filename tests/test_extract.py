@@ -30,13 +30,16 @@ def put(s3, bucket: str, key: str, body: bytes = b"x") -> str:
     return s3.put_object(Bucket=bucket, Key=key, Body=body)["ETag"].strip('"')
 
 
-def read_all(s3, bucket: str, key: str, chunk_bytes: int = extract.CHUNK_BYTES):
+def read_all(s3, bucket: str, key: str, chunk_bytes: int = extract.CHUNK_BYTES,
+             first_lines: int = extract.FIRST_LINES, batches: list | None = None):
     """(ETag, [(line number, line)]) of a kiosk object, checking the numbering is contiguous."""
     head = s3.head_object(Bucket=bucket, Key=key)
     obj = S3Object(bucket, key, head["ETag"].strip('"'), head["ContentLength"])
-    opened = extract.open_kiosk_object(s3, obj, chunk_bytes=chunk_bytes)
+    opened = extract.open_kiosk_object(s3, obj, chunk_bytes=chunk_bytes, first_lines=first_lines)
     numbered = []
     for first, lines in opened.chunks:
+        if batches is not None:
+            batches.append(len(lines))
         assert first == len(numbered) + 1, "chunks must continue the line numbering"
         numbered += [(first + i, line) for i, line in enumerate(lines)]
     return opened.etag, numbered
@@ -116,6 +119,19 @@ def test_lines_come_out_whole_across_chunk_boundaries(s3, bucket, chunk_bytes):
     got_etag, numbered = read_all(s3, bucket, "lmnh_hist_data_0.csv", chunk_bytes)
     assert numbered == EXPECTED
     assert got_etag == etag
+
+
+@pytest.mark.parametrize("first_lines", [1, 2, 3, 6, 7, 100])
+def test_first_batch_is_small_and_numbering_goes_on_after_it(s3, bucket, first_lines):
+    """The first chunk is split so the database can start early; no line is lost or renumbered."""
+    put(s3, bucket, "lmnh_hist_data_0.csv", BODY)
+    batches: list[int] = []
+    _, numbered = read_all(s3, bucket, "lmnh_hist_data_0.csv", first_lines=first_lines,
+                           batches=batches)
+    assert numbered == EXPECTED
+    # the first 4 MB chunk holds lines 1-6 (line 7 has no newline and comes on its own)
+    assert batches[0] == min(first_lines, 6)
+    assert sum(batches) == len(EXPECTED)
 
 
 @pytest.mark.parametrize("chunk_bytes", [3, 7, 1000])

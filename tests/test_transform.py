@@ -841,3 +841,29 @@ def test_vectorised_live_form_agrees_with_the_per_value_parser():
     table = np.zeros((len(texts) + 1, 3), dtype=np.int64)
     done = transform._parse_kafka_form(np.array(texts, dtype=object), "Europe/London", table)
     assert done.sum() == len(texts) - 1  # the vectorised path really took them
+
+
+def test_vectorised_kiosk_form_agrees_with_the_per_value_parser():
+    """The kiosk CSV's local `YYYY-MM-DD HH:MM:SS` values are parsed in one vectorised call;
+    every value must get what the per-value parser gives: the hour skipped in spring is
+    invalid, an autumn hour is its first occurrence, out-of-range fields are invalid."""
+    from zoneinfo import ZoneInfo
+    london = ZoneInfo("Europe/London")
+    texts = [f"{year}-{month:02d}-{day:02d} {hour:02d}:{minute:02d}:{second:02d}"
+             for year in (1916, 1968, 1971, 1996, 2024, 2025)
+             for month, day in ((3, 31), (3, 30), (3, 26), (10, 27), (10, 26), (10, 29), (2, 29),
+                                (2, 30), (4, 31), (6, 15))
+             for hour in (0, 1, 2, 3, 12, 23)
+             for minute, second in ((0, 0), (30, 15), (59, 59))]
+    texts += ["2024-06-15 24:00:00", "2024-06-15 12:60:00", "2024-06-15 12:00:60",
+              "2024-13-01 12:00:00", "2024-00-10 12:00:00", "1850-06-15 12:00:00",
+              "2024-06-15T12:00:00", " 2024-06-15 12:00:00", None, ""]
+    got = transform._parse_ats(texts, london)
+    expected = [transform._parse_at(t, london) for t in texts]
+    assert [tuple(row) for row in got] == expected
+    states = {text: row[0] for text, row in zip(texts, expected)}
+    assert states["2024-03-31 01:30:15"] == 2  # skipped when clocks went forward
+    assert states["2024-10-27 01:30:15"] == 0  # the first of two 01:30s
+    assert states["2024-02-30 12:00:00"] == 2 and states["2024-06-15 12:00:60"] == 2
+    first = dict(zip(texts, got))["2024-10-27 01:30:15"]
+    assert first[1] == int(datetime(2024, 10, 27, 0, 30, 15, tzinfo=UTC).timestamp()) * 10**6
