@@ -40,7 +40,7 @@ class DatabaseError(RuntimeError):
 def connect(db: DatabaseSettings) -> psycopg2.extensions.connection:
     """A connection whose session speaks museum time, so views and psql show local times."""
     try:
-        conn = psycopg2.connect(**db.connect_kwargs(), options="-c timezone=Europe/London")
+        conn = psycopg2.connect(**db.connect_kwargs(), options="-c timezone=Europe/London -c work_mem=64MB")
     except psycopg2.OperationalError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DatabaseError(f"cannot connect to PostgreSQL at {db.describe()}: {first}") from None
@@ -239,6 +239,9 @@ COPY_REJECTIONS = ("COPY rejected_event (source, locator, payload, reason, detai
                    "FORCE_NOT_NULL (source, locator, payload, reason, detail))")
 
 
+COPY_STATEMENTS = frozenset({COPY_RATINGS, COPY_REQUESTS, COPY_REJECTIONS})
+
+
 @dataclass(frozen=True)
 class PreparedCopy:
     """One COPY statement and its data, built before the copy runs.
@@ -251,6 +254,10 @@ class PreparedCopy:
     statement: str
     data: bytes
     rows: int
+
+    def __post_init__(self) -> None:
+        if self.statement not in COPY_STATEMENTS:  # only ever one of the constants above
+            raise ValueError("PreparedCopy runs only the module's COPY statements")
 
     def run(self, cur) -> int:
         if self.rows:

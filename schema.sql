@@ -123,12 +123,38 @@ CREATE INDEX IF NOT EXISTS rejected_event_reason_idx ON rejected_event (reason);
 -- Set-based foreign keys: after each INSERT/COPY statement, every new row must point at an
 -- existing exhibition, rating/request and source; otherwise the statement fails with the
 -- standard foreign_key_violation error.
+-- First one pass over the new rows for the range of each key: when every value of a range
+-- exists in the referenced table (the usual case: keys are few and dense), every new row inside
+-- it is covered, which costs a third of grouping the rows. Otherwise the distinct keys are
+-- looked up one by one to name the missing one.
+CREATE OR REPLACE FUNCTION key_range_covered(tbl REGCLASS, col TEXT, lo INT, hi INT)
+RETURNS BOOLEAN LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    present BIGINT;
+BEGIN
+    IF lo IS NULL THEN
+        RETURN TRUE;  -- no rows
+    END IF;
+    EXECUTE format('SELECT count(*) FROM %s WHERE %I BETWEEN $1 AND $2', tbl, col)
+        INTO present USING lo, hi;
+    RETURN present = hi::BIGINT - lo + 1;
+END $$;
+
 CREATE OR REPLACE FUNCTION check_event_references() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
     bad TEXT;
+    e_lo INT; e_hi INT; k_lo INT; k_hi INT; s_lo INT; s_hi INT;
 BEGIN
     IF TG_TABLE_NAME = 'rating_interaction' THEN
+        SELECT min(exhibition_id), max(exhibition_id), min(rating_id), max(rating_id),
+               min(source_id), max(source_id)
+            INTO e_lo, e_hi, k_lo, k_hi, s_lo, s_hi FROM new_rows;
+        IF key_range_covered('exhibition', 'exhibition_id', e_lo, e_hi)
+           AND key_range_covered('rating', 'rating_id', k_lo, k_hi)
+           AND key_range_covered('event_source', 'source_id', s_lo, s_hi) THEN
+            RETURN NULL;
+        END IF;
         SELECT format('exhibition_id %s / rating_id %s / source_id %s', n.exhibition_id,
                       n.rating_id, n.source_id) INTO bad
         FROM (SELECT DISTINCT exhibition_id, rating_id, source_id FROM new_rows) n
@@ -137,6 +163,14 @@ BEGIN
            OR NOT EXISTS (SELECT 1 FROM event_source s WHERE s.source_id = n.source_id)
         LIMIT 1;
     ELSIF TG_TABLE_NAME = 'request_interaction' THEN
+        SELECT min(exhibition_id), max(exhibition_id), min(request_id), max(request_id),
+               min(source_id), max(source_id)
+            INTO e_lo, e_hi, k_lo, k_hi, s_lo, s_hi FROM new_rows;
+        IF key_range_covered('exhibition', 'exhibition_id', e_lo, e_hi)
+           AND key_range_covered('request', 'request_id', k_lo, k_hi)
+           AND key_range_covered('event_source', 'source_id', s_lo, s_hi) THEN
+            RETURN NULL;
+        END IF;
         SELECT format('exhibition_id %s / request_id %s / source_id %s', n.exhibition_id,
                       n.request_id, n.source_id) INTO bad
         FROM (SELECT DISTINCT exhibition_id, request_id, source_id FROM new_rows) n
@@ -145,6 +179,10 @@ BEGIN
            OR NOT EXISTS (SELECT 1 FROM event_source s WHERE s.source_id = n.source_id)
         LIMIT 1;
     ELSE
+        SELECT min(source_id), max(source_id) INTO s_lo, s_hi FROM new_rows;
+        IF key_range_covered('event_source', 'source_id', s_lo, s_hi) THEN
+            RETURN NULL;
+        END IF;
         SELECT format('source_id %s', n.source_id) INTO bad
         FROM (SELECT DISTINCT source_id FROM new_rows) n
         WHERE NOT EXISTS (SELECT 1 FROM event_source s WHERE s.source_id = n.source_id)

@@ -150,6 +150,28 @@ def test_an_unknown_exhibition_or_rating_key_is_refused(conn):
     assert table_counts(conn)["rating_interaction"] == 0
 
 
+def test_keys_around_a_gap_in_master_data_are_checked_one_by_one(conn):
+    """The reference check's quick path (every key in the new rows' range exists) must not let
+    a key through when the range has a hole: then each distinct key is looked up."""
+    known = master(conn)
+    ids = sorted(known.exhibitions.values())
+    hole = ids[2]
+    with load.transaction(conn) as cur:
+        cur.execute("DELETE FROM exhibition WHERE exhibition_id = %s", (hole,))
+    source = new_source(conn, "s3://b/k.csv")
+    rating = known.ratings[0]
+    around = interaction_frame([ids[1], ids[3]] * 500, [rating] * 1000,
+                               ["2024-10-21T08:00:00Z"] * 1000, list(range(2, 1002)), "rating_id")
+    with load.transaction(conn) as cur:
+        assert load.copy_ratings(cur, around, source) == 1000
+    inside = interaction_frame([ids[1], hole, ids[3]], [rating] * 3,
+                               ["2024-10-21T08:00:00Z"] * 3, [2000, 2001, 2002], "rating_id")
+    with pytest.raises(psycopg2.errors.ForeignKeyViolation, match=f"exhibition_id {hole} "), \
+            load.transaction(conn) as cur:
+        load.copy_ratings(cur, inside, source)
+    assert table_counts(conn)["rating_interaction"] == 1000
+
+
 def test_the_same_position_cannot_land_twice(conn):
     known = master(conn)
     frame = interaction_frame([known.exhibitions[1]], [known.ratings[2]],
