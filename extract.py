@@ -21,7 +21,7 @@ log = logging.getLogger("extract")
 
 KIOSK_KEY = re.compile(r"lmnh_hist_data_(\d+)\.csv")
 EXHIBITION_KEY = re.compile(r"lmnh_exhibition_[^/]+\.json")
-CHUNK_BYTES = 4 * 1024 * 1024  # ~160,000 rows: bounded memory, COPY overlaps validation
+CHUNK_BYTES = 2 * 1024 * 1024  # ~80,000 rows: bounded memory, COPY overlaps validation
 # The first batch of lines is small so that the database starts storing rows while the rest
 # of the first chunk is validated, instead of idling through a whole chunk.
 FIRST_LINES = 10_000

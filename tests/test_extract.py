@@ -129,7 +129,7 @@ def test_first_batch_is_small_and_numbering_goes_on_after_it(s3, bucket, first_l
     _, numbered = read_all(s3, bucket, "lmnh_hist_data_0.csv", first_lines=first_lines,
                            batches=batches)
     assert numbered == EXPECTED
-    # the first 4 MB chunk holds lines 1-6 (line 7 has no newline and comes on its own)
+    # the first chunk holds lines 1-6 (line 7 has no newline and comes on its own)
     assert batches[0] == min(first_lines, 6)
     assert sum(batches) == len(EXPECTED)
 
