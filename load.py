@@ -287,8 +287,9 @@ def prepare_rejections(frame: pd.DataFrame, source_text: str, source: Sources) -
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n", quoting=csv.QUOTE_ALL)  # a bare CR too
     sources = np.broadcast_to(np.asarray(source), len(frame)).tolist()
-    writer.writerows(zip([source_text] * len(frame), frame["locator"], frame["payload"],
-                         frame["reason"], frame["detail"], sources, frame["position"]))
+    columns = [frame[name].tolist() for name in ("locator", "payload", "reason", "detail",
+                                                 "position")]  # plain lists: no boxing per value
+    writer.writerows(zip([source_text] * len(frame), *columns[:4], sources, columns[4]))
     return PreparedCopy(COPY_REJECTIONS, buffer.getvalue().encode("utf-8"), len(frame))
 
 
