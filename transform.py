@@ -326,35 +326,34 @@ _MICROSECOND = timedelta(microseconds=1)
 class _ParsedAt:
     """`_parse_at` results kept across chunks and batches: a day of kiosk data has ~33,000
     distinct seconds however many rows it has, so every chunk of an object repeats most of
-    them. Texts map to rows of one array through a pandas Index, so a chunk's lookups are one
-    vectorised hash probe rather than a Python loop."""
+    them. Known texts are found for a whole column in one vectorised probe of a pandas Index
+    (its positions are rows of `rows`); only the rest are grouped and parsed."""
 
     def __init__(self, zone: ZoneInfo):
         self.zone = zone
         self.keys = pd.Index([], dtype=object)
         self.rows = np.zeros((0, 3), dtype=np.int64)
 
-    def rows_for(self, values: np.ndarray) -> np.ndarray:
-        """Rows for distinct `values`; texts are cached, anything else is parsed every time."""
+    def parse(self, values: np.ndarray) -> np.ndarray:
+        """(state, UTC us, local time-of-day us) for every value of a column."""
         out = np.empty((len(values), 3), dtype=np.int64)
-        if pd.api.types.infer_dtype(values, skipna=False) == "string":  # all text (kiosk CSV)
-            is_text = np.ones(len(values), dtype=bool)
-        else:
-            is_text = np.fromiter((v.__class__ is str for v in values), dtype=bool,
-                                  count=len(values))
-        texts = values[is_text]
-        found = self.keys.get_indexer(texts)
-        new = found < 0
-        if new.any():
-            fresh = texts[new]
-            start = len(self.rows)
-            self.rows = np.concatenate([self.rows, _parse_ats(list(fresh), self.zone)])
-            self.keys = self.keys.append(pd.Index(fresh, dtype=object))
-            found[new] = np.arange(start, start + len(fresh))
-        out[is_text] = self.rows[found]
-        others = np.flatnonzero(~is_text)
-        if len(others):
-            out[others] = _parse_ats(list(values[others]), self.zone)
+        found = self.keys.get_indexer(values) if len(self.keys) else np.full(len(values), -1)
+        known = found >= 0
+        out[known] = self.rows[found[known]]
+        unknown = np.flatnonzero(~known)
+        if len(unknown):
+            codes, uniques = pd.factorize(values[unknown], use_na_sentinel=False)
+            uniques = np.asarray(uniques, dtype=object)
+            table = np.zeros((len(uniques), 3), dtype=np.int64)
+            done = _parse_kafka_form(uniques, self.zone.key, table)  # all distinct: not kept
+            rest = np.flatnonzero(~done)
+            if len(rest):
+                table[rest] = _parse_ats(list(uniques[rest]), self.zone)
+                texts = rest[np.fromiter((uniques[i].__class__ is str for i in rest),
+                                         dtype=bool, count=len(rest))]
+                self.keys = self.keys.append(pd.Index(uniques[texts], dtype=object))
+                self.rows = np.concatenate([self.rows, table[texts]])
+            out[unknown] = table[codes]
         return out
 
 
@@ -402,18 +401,11 @@ _AT_CACHE_SIZE = 200_000
 
 def _timestamps(column: pd.Series, zone: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Vectorised `_parse_at`: each distinct value is parsed once (kiosk rows share seconds)."""
-    codes, uniques = pd.factorize(column, use_na_sentinel=True)
-    values = np.asarray(uniques, dtype=object)
-    table = np.zeros((len(values) + 1, 3), dtype=np.int64)
-    table[-1, 0] = 1  # code -1: None / NaN, missing
-    done = _parse_kafka_form(values, zone, table)
-    rest = np.flatnonzero(~done)
-    if len(rest):
-        cache = _AT_CACHE.get(zone)
-        if cache is None or len(cache.rows) > _AT_CACHE_SIZE:
-            cache = _AT_CACHE[zone] = _ParsedAt(ZoneInfo(zone))
-        table[rest] = cache.rows_for(values[rest])
-    return table[codes, 0], table[codes, 1], table[codes, 2]
+    cache = _AT_CACHE.get(zone)
+    if cache is None or len(cache.rows) > _AT_CACHE_SIZE:
+        cache = _AT_CACHE[zone] = _ParsedAt(ZoneInfo(zone))
+    rows = cache.parse(column.to_numpy(dtype=object))
+    return rows[:, 0], rows[:, 1], rows[:, 2]
 
 
 # The form every live kiosk message uses: microseconds and a numeric offset.
