@@ -38,9 +38,14 @@ class DatabaseError(RuntimeError):
 
 # --------------------------------------------------------------------------- connections
 def connect(db: DatabaseSettings) -> psycopg2.extensions.connection:
-    """A connection whose session speaks museum time, so views and psql show local times."""
+    """A connection whose session speaks museum time, so views and psql show local times.
+
+    work_mem 64MB keeps the reference check's transition table of a whole chunk in memory
+    (at the 4MB default it spills to a temporary file on every COPY).
+    """
     try:
-        conn = psycopg2.connect(**db.connect_kwargs(), options="-c timezone=Europe/London -c work_mem=64MB")
+        conn = psycopg2.connect(**db.connect_kwargs(),
+                                options="-c timezone=Europe/London -c work_mem=64MB")
     except psycopg2.OperationalError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DatabaseError(f"cannot connect to PostgreSQL at {db.describe()}: {first}") from None

@@ -229,6 +229,15 @@ def test_mangled_json_payloads_get_exactly_one_outcome_each(values, mangle):
     assert [result[i] for i in range(len(payloads))] == [reference_kafka(p) for p in payloads]
 
 
+def stored_events(outcome: transform.Outcome) -> dict[int, tuple]:
+    """position -> (kind, exhibition_id, rating/request id, event_at) of the valid events."""
+    stored = {int(r.position): ("rating", r.exhibition_id, r.rating_id, r.event_at)
+              for r in outcome.ratings.itertuples()}
+    stored |= {int(r.position): ("request", r.exhibition_id, r.request_id, r.event_at)
+               for r in outcome.requests.itertuples()}
+    return stored
+
+
 # --------------------------------------------------------------------------- Kafka: valid in
 @PROPERTY
 @given(st.lists(valid_kafka_event(), min_size=1, max_size=20))
@@ -236,10 +245,7 @@ def test_every_valid_kafka_event_in_any_accepted_form_is_stored_exactly(events):
     parsed, outcome = kafka_batch([e[0] for e in events])
     assert len(parsed.rejections) == 0 and len(outcome.rejections) == 0, (
         outcome.rejections[["payload", "reason", "detail"]].to_dict("records"))
-    stored = {int(r.position): ("rating", r.exhibition_id, r.rating_id, r.event_at)
-              for r in outcome.ratings.itertuples()}
-    stored |= {int(r.position): ("request", r.exhibition_id, r.request_id, r.event_at)
-               for r in outcome.requests.itertuples()}
+    stored = stored_events(outcome)
     for position, (_, kind, exhibition_id, key, instant) in enumerate(events):
         assert stored[position] == (kind, exhibition_id, key, pd.Timestamp(instant))
 
@@ -295,10 +301,7 @@ def test_every_valid_csv_row_in_any_accepted_form_is_stored_exactly(rows):
     outcome = transform.validate_events(parsed.events, MASTER, RULES, NOW)
     assert len(parsed.rejections) == 0 and len(outcome.rejections) == 0, (
         outcome.rejections[["payload", "reason", "detail"]].to_dict("records"))
-    stored = {int(r.position): ("rating", r.exhibition_id, r.rating_id, r.event_at)
-              for r in outcome.ratings.itertuples()}
-    stored |= {int(r.position): ("request", r.exhibition_id, r.request_id, r.event_at)
-               for r in outcome.requests.itertuples()}
+    stored = stored_events(outcome)
     for position, (_, kind, exhibition_id, key, instant) in enumerate(rows, start=2):
         assert stored[position] == (kind, exhibition_id, key, pd.Timestamp(instant))
 
