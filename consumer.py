@@ -28,7 +28,7 @@ import load
 import localstack
 import transform
 from logsetup import read_protected_environment, setup_logging
-from settings import Settings, SettingsError, load_settings, redact
+from settings import SCHEMA_FILE, Settings, SettingsError, first_line, load_settings, redact
 
 log = logging.getLogger("consumer")
 
@@ -108,15 +108,12 @@ def store_batch(conn, topic: str, messages: list, rules: transform.Rules,
                                           [m.partition() for m in fresh],
                                           [m.offset() for m in fresh])
         outcome = transform.validate_events(parsed.events, master, rules, now)
-        rejections = transform.concat_rejections([parsed.rejections, outcome.rejections])
+        outcome.rejections = transform.concat_rejections([parsed.rejections,
+                                                          outcome.rejections])
         source_of = {partition: source for partition, (source, _) in offsets.items()}
-        result.ratings = load.copy_ratings(cur, outcome.ratings,
-                                           outcome.ratings["partition"].map(source_of))
-        result.requests = load.copy_requests(cur, outcome.requests,
-                                             outcome.requests["partition"].map(source_of))
-        load.copy_rejections(cur, rejections, f"kafka://{topic}",
-                             rejections["partition"].map(source_of) if len(rejections) else 0)
-        result.rejected.update(rejections["reason"].value_counts().to_dict())
+        load.run_copies(cur, load.prepare_outcome(outcome, f"kafka://{topic}", source_of))
+        result.ratings, result.requests = len(outcome.ratings), len(outcome.requests)
+        result.rejected.update(outcome.reason_counts())
         for message in fresh:  # a partition's messages arrive in offset order
             result.next_offsets[message.partition()] = message.offset() + 1
         for partition, next_offset in result.next_offsets.items():
@@ -167,18 +164,29 @@ def _librdkafka_logger() -> logging.Logger:
     return logger
 
 
+@dataclass(frozen=True)
+class ConsumerOptions:
+    """The operator's choices for one consumer process, fixed when it starts."""
+
+    topic: str
+    group: str = DEFAULT_GROUP
+    max_messages: int | None = None   # stop cleanly after this many messages
+    batch_size: int = 20000           # most messages per batch / transaction
+    session_timeout_ms: int = 6000
+    stop_at_end: bool = False         # stop once every assigned partition is consumed
+
+
 class KioskConsumer:
     """The consumer loop: batch, store, commit; ride out outages; stop cleanly on a signal."""
 
-    def __init__(self, settings: Settings, topic: str, group: str, max_messages: int | None,
-                 batch_size: int, session_timeout_ms: int, stop_at_end: bool,
-                 metrics: Metrics, rules: transform.Rules):
+    def __init__(self, settings: Settings, options: ConsumerOptions, metrics: Metrics,
+                 rules: transform.Rules):
         self.settings = settings
-        self.topic = topic
-        self.group = group
-        self.max_messages = max_messages
-        self.batch_size = batch_size
-        self.stop_at_end = stop_at_end
+        self.topic = options.topic
+        self.group = options.group
+        self.max_messages = options.max_messages
+        self.batch_size = options.batch_size
+        self.stop_at_end = options.stop_at_end
         self.metrics = metrics
         self.rules = rules
         self.stopping = False
@@ -190,7 +198,8 @@ class KioskConsumer:
         self.accepted_gaps: set[tuple[int, int]] = set()
         self.at_end: set[int] = set()
         self.totals = BatchResult()
-        config = {**settings.kafka.client_config(), "group.id": group,
+        session_timeout_ms = options.session_timeout_ms
+        config = {**settings.kafka.client_config(), "group.id": options.group,
                   "enable.auto.commit": False, "enable.auto.offset.store": False,
                   "auto.offset.reset": "earliest", "enable.partition.eof": True,
                   "session.timeout.ms": session_timeout_ms,
@@ -224,7 +233,7 @@ class KioskConsumer:
             # Kafka's committed offsets trail the database's, and store_batch drops anything
             # already stored, so starting from them is safe, only slower.
             log.warning("database unavailable at assignment (%s); starting from Kafka's "
-                        "committed offsets", str(exc).splitlines()[0])
+                        "committed offsets", first_line(exc))
             self._drop_connection()
             stored = None
         for p in partitions:
@@ -274,7 +283,7 @@ class KioskConsumer:
                 result = store_batch(self._db(), self.topic, messages, self.rules,
                                      accepted_gaps=frozenset(self.accepted_gaps))
             except (psycopg2.OperationalError, psycopg2.InterfaceError, load.DatabaseError) as exc:
-                text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                text = first_line(exc)
                 if any(t in text for t in FATAL_DB_TEXT):
                     raise FatalError(f"database refused us: {text}") from None
                 self._drop_connection()
@@ -463,19 +472,16 @@ def main(argv: list[str] | None = None) -> int:
         local_db = settings.database is None
         settings = localstack.resolve(settings, ("postgres", "kafka"))
         conn = load.connect(settings.database)
-        missing = load.missing_tables(conn)
-        if missing and local_db:
-            from pipeline import SCHEMA_FILE
-            log.info("creating the schema in the local database from %s", SCHEMA_FILE.name)
-            load.apply_schema(conn, SCHEMA_FILE.read_text())
-        elif missing:
-            raise FatalError(f"the database has no {', '.join(missing)} table(s): run "
-                             "`bash reset.sh schema.sql` first")
-        conn.close()
+        try:
+            load.ensure_schema(conn, SCHEMA_FILE if local_db else None)
+        finally:
+            conn.close()
         rules = transform.Rules(opening=settings.opening_time, closing=settings.closing_time)
-        worker = KioskConsumer(settings, args.topic or settings.topic, args.group,
-                               args.max_messages, args.batch_size, args.session_timeout_ms,
-                               args.stop_at_end, Metrics(args.metrics_port), rules)
+        options = ConsumerOptions(topic=args.topic or settings.topic, group=args.group,
+                                  max_messages=args.max_messages, batch_size=args.batch_size,
+                                  session_timeout_ms=args.session_timeout_ms,
+                                  stop_at_end=args.stop_at_end)
+        worker = KioskConsumer(settings, options, Metrics(args.metrics_port), rules)
         signal.signal(signal.SIGINT, worker.request_stop)
         signal.signal(signal.SIGTERM, worker.request_stop)
         log.info("consuming %s as group %s from %s", worker.topic, args.group,
@@ -489,8 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     except (FatalError, load.DatabaseError, localstack.LocalStackError, KafkaException,
             psycopg2.Error) as exc:
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        log.error("consumer stopped: %s", redact(text, secrets))
+        log.error("consumer stopped: %s", redact(first_line(exc), secrets))
         return EXIT_FAILED
 
 

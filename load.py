@@ -7,14 +7,17 @@ Events go in with binary COPY: no per-row SQL, and no timestamp ever formatted a
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import logging
 import queue
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -22,8 +25,8 @@ import psycopg2
 import psycopg2.extensions
 from psycopg2 import sql
 
-from settings import DatabaseSettings
-from transform import Exhibition, MasterData
+from settings import DatabaseSettings, first_line
+from transform import Exhibition, MasterData, Outcome, Tally
 
 log = logging.getLogger("load")
 
@@ -47,8 +50,8 @@ def connect(db: DatabaseSettings) -> psycopg2.extensions.connection:
         conn = psycopg2.connect(**db.connect_kwargs(),
                                 options="-c timezone=Europe/London -c work_mem=64MB")
     except psycopg2.OperationalError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DatabaseError(f"cannot connect to PostgreSQL at {db.describe()}: {first}") from None
+        raise DatabaseError(f"cannot connect to PostgreSQL at {db.describe()}: "
+                            f"{first_line(exc)}") from None
     return conn
 
 
@@ -83,6 +86,20 @@ def missing_tables(conn) -> list[str]:
 def apply_schema(conn, schema_sql: str) -> None:
     with transaction(conn) as cur:
         cur.execute(schema_sql)
+
+
+def ensure_schema(conn, schema_file: Path | None) -> bool:
+    """Check the schema is there; create it from `schema_file` when one is given (the local
+    stack's database) rather than fail. Returns whether it was created."""
+    missing = missing_tables(conn)
+    if not missing:
+        return False
+    if schema_file is None:
+        raise DatabaseError(f"the database has no {', '.join(missing)} table(s): "
+                            "run `bash reset.sh schema.sql` first")
+    log.info("creating the schema in the local database from %s", schema_file.name)
+    apply_schema(conn, schema_file.read_text())
+    return True
 
 
 # --------------------------------------------------------------------------- master data
@@ -171,17 +188,28 @@ def lock_source(cur, source: int) -> None:
     cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", (0x4C4D, source))
 
 
-def loaded_etag(cur, source: int) -> tuple[str, bool] | None:
+class LoadRecord(NamedTuple):
+    """Which version of an object was loaded, and whether all of it (--num_rows stops early)."""
+
+    etag: str
+    complete: bool
+
+    def covers(self, etag: str) -> bool:
+        """True when this version of the object is already fully loaded: nothing to do."""
+        return self.complete and self.etag == etag
+
+
+def loaded_etag(cur, source: int) -> LoadRecord | None:
     cur.execute("SELECT etag, complete FROM s3_object_load WHERE source_id = %s", (source,))
     row = cur.fetchone()
-    return (row[0], row[1]) if row else None
+    return LoadRecord(*row) if row else None
 
 
-def loaded_objects(cur, uris: list[str]) -> dict[str, tuple[str, bool]]:
-    """ETag and completeness of every object already loaded, for skipping before any lock."""
+def loaded_objects(cur, uris: list[str]) -> dict[str, LoadRecord]:
+    """The load record of every object already loaded, for skipping before any lock."""
     cur.execute("SELECT s.uri, l.etag, l.complete FROM s3_object_load l "
                 "JOIN event_source s USING (source_id) WHERE s.uri = ANY(%s)", (uris,))
-    return {uri: (etag, complete) for uri, etag, complete in cur.fetchall()}
+    return {uri: LoadRecord(etag, complete) for uri, etag, complete in cur.fetchall()}
 
 
 def delete_source_rows(cur, source: int) -> int:
@@ -204,9 +232,9 @@ ON CONFLICT (source_id) DO UPDATE SET
     loaded_at = EXCLUDED.loaded_at"""
 
 
-def record_object_load(cur, source: int, etag: str, complete: bool, read: int, stored: int,
-                       rejected: int) -> None:
-    cur.execute(RECORD_LOAD, (source, etag, complete, read, stored, rejected))
+def record_object_load(cur, source: int, record: LoadRecord, tally: Tally) -> None:
+    cur.execute(RECORD_LOAD, (source, record.etag, record.complete, tally.read, tally.stored,
+                              tally.rejected_total))
 
 
 # --------------------------------------------------------------------------- COPY
@@ -298,8 +326,39 @@ def prepare_rejections(frame: pd.DataFrame, source_text: str, source: Sources) -
     return PreparedCopy(COPY_REJECTIONS, buffer.getvalue().encode("utf-8"), len(frame))
 
 
+def prepare_outcome(outcome: Outcome, source_text: str,
+                    sources: int | Mapping[int, int]) -> list[PreparedCopy]:
+    """The three COPYs that store an Outcome: its ratings, requests and rejections.
+
+    `sources` is the source_id of every row (an S3 object) or a partition -> source_id map
+    (a consumer batch, whose frames carry each row's partition).
+    """
+    def per_row(frame: pd.DataFrame) -> Sources:
+        if not isinstance(sources, Mapping):
+            return sources
+        return frame["partition"].map(sources) if len(frame) else 0
+    return [prepare_ratings(outcome.ratings, per_row(outcome.ratings)),
+            prepare_requests(outcome.requests, per_row(outcome.requests)),
+            prepare_rejections(outcome.rejections, source_text, per_row(outcome.rejections))]
+
+
 def run_copies(cur, copies: list[PreparedCopy]) -> int:
     return sum(copy.run(cur) for copy in copies)
+
+
+def copy_outcomes(cur, outcomes: Iterable[Outcome], source_text: str, source: int) -> Tally:
+    """Store a stream of Outcomes (an object's chunks) through a background copier, so the
+    server ingests one chunk while the next is validated; returns what was stored."""
+    tally = Tally()
+    copier = BackgroundCopy()
+    try:
+        for outcome in outcomes:
+            tally.add_outcome(outcome)
+            copier.submit(functools.partial(
+                run_copies, cur, prepare_outcome(outcome, source_text, source)))
+    finally:
+        copier.finish()
+    return tally
 
 
 def copy_ratings(cur, frame: pd.DataFrame, source: Sources) -> int:

@@ -885,6 +885,7 @@ def main(argv: list[str] | None = None) -> int:
     from settings import (
         DEFAULT_BUCKET,
         SettingsError,
+        first_line,
         load_settings,
         redact,
     )
@@ -897,7 +898,7 @@ def main(argv: list[str] | None = None) -> int:
         env, secrets = read_protected_environment()
         settings = load_settings(env)
         settings = localstack.resolve(settings, ("s3",))
-        bucket = args.bucket or env.get("BUCKET") or DEFAULT_BUCKET
+        bucket = args.bucket or settings.bucket
         client = make_s3_client(settings.s3)
         keys = seed_bucket(client, bucket, objects=args.objects, rows=args.rows, seed=args.seed,
                            anomalies=not args.no_anomalies)
@@ -905,7 +906,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("configuration error: %s", redact(str(exc), secrets))
         return 2
     except localstack.LocalStackError as exc:
-        log.error("local stack: %s", redact(str(exc).splitlines()[0], secrets))
+        log.error("local stack: %s", redact(first_line(exc), secrets))
         return 1
     except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
         log.error("%s", redact(describe_s3_error(exc, f"seeding s3://{bucket}"),

@@ -16,6 +16,7 @@ from pathlib import Path
 from dotenv import dotenv_values
 
 PROJECT_DIR = Path(__file__).resolve().parent
+SCHEMA_FILE = PROJECT_DIR / "schema.sql"
 DEFAULT_BUCKET = "sigma-resources-museum"
 DEFAULT_TOPIC = "lmnh"
 DEFAULT_DB_NAME = "museum"
@@ -81,9 +82,9 @@ class Settings:
     s3: S3Settings | None
     kafka: KafkaSettings | None
     topic: str = DEFAULT_TOPIC
+    bucket: str = DEFAULT_BUCKET
     opening_time: time = time(8, 45)
     closing_time: time = time(18, 15)
-    future_tolerance_seconds: int = 300
 
     def with_services(self, **services) -> Settings:
         return replace(self, **services)
@@ -200,12 +201,13 @@ def _kafka(env: Mapping[str, str]) -> KafkaSettings | None:
 def load_settings(env: Mapping[str, str]) -> Settings:
     """Build Settings from a mapping of names to values, raising SettingsError on the first bad one."""
     topic = _get(env, "TOPIC") or DEFAULT_TOPIC
+    bucket = _get(env, "BUCKET") or DEFAULT_BUCKET
     opening = _clock(env, "OPENING_TIME", time(8, 45))
     closing = _clock(env, "CLOSING_TIME", time(18, 15))
     if closing <= opening:
         raise SettingsError(f"CLOSING_TIME ({closing}) must be after OPENING_TIME ({opening})")
     return Settings(database=_database(env), s3=_s3(env), kafka=_kafka(env), topic=topic,
-                    opening_time=opening, closing_time=closing)
+                    bucket=bucket, opening_time=opening, closing_time=closing)
 
 
 SECRET_KEYS = ("DB_PASS", "AWS_SECRET_ACCESS_KEY", "AWS_SECRET_KEY", "PASSWORD")
@@ -216,6 +218,12 @@ def environment_secrets(env: Mapping[str, str]) -> list[str]:
     even an error about a mistyped setting cannot echo a secret pasted into it."""
     return [value for key in SECRET_KEYS if (value := (env.get(key) or "").strip())
             and len(value) >= 3]
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception as one log line: drivers put hints and request details on later lines."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def redact(text: str, secrets: list[str]) -> str:

@@ -21,6 +21,7 @@ from sample_data import generate_messages
 from settings import (
     KafkaSettings,
     SettingsError,
+    first_line,
     load_settings,
     redact,
 )
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("configuration error: %s", redact(str(exc), secrets))
         return 2
     except (KafkaException, localstack.LocalStackError) as exc:
-        log.error("simulator failed: %s", redact(str(exc).splitlines()[0], secrets))
+        log.error("simulator failed: %s", redact(first_line(exc), secrets))
         return 1
     log.info("sent %d of %d messages to %s in %.1f s", sent, args.count, topic,
              time.monotonic() - started)

@@ -8,10 +8,12 @@ comes from the database's master data at the time of processing, passed in as `M
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import operator
 import re
-from collections.abc import Iterable, Sequence
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
@@ -73,6 +75,36 @@ class Outcome:
 
     def reason_counts(self) -> dict[str, int]:
         return self.rejections["reason"].value_counts().to_dict() if len(self.rejections) else {}
+
+
+@dataclass
+class Tally:
+    """Events read = ratings + requests + rejected, added up per chunk, object, batch and run."""
+
+    read: int = 0
+    ratings: int = 0
+    requests: int = 0
+    rejected: Counter = field(default_factory=Counter)
+
+    @property
+    def stored(self) -> int:
+        return self.ratings + self.requests
+
+    @property
+    def rejected_total(self) -> int:
+        return sum(self.rejected.values())
+
+    def add_outcome(self, outcome: Outcome) -> None:
+        self.read += outcome.count
+        self.ratings += len(outcome.ratings)
+        self.requests += len(outcome.requests)
+        self.rejected.update(outcome.reason_counts())
+
+    def add(self, other: Tally) -> None:
+        self.read += other.read
+        self.ratings += other.ratings
+        self.requests += other.requests
+        self.rejected.update(other.rejected)
 
 
 @dataclass
@@ -175,7 +207,7 @@ def _objects(*parts: list) -> np.ndarray:
 
 def _raw(*parts: list) -> pd.Series:
     """Raw values as an object column: pandas 3 would otherwise check every value to make
-    all-text columns its `str` dtype, which nothing here needs (~10% of parsing)."""
+    all-text columns its `str` dtype, which nothing here needs and which costs real time."""
     return pd.Series(_objects(*parts), dtype=object, copy=False)
 
 
@@ -357,10 +389,17 @@ class _ParsedAt:
         return out
 
 
-# The kiosk CSV form, `YYYY-MM-DD HH:MM:SS` local time, in the years pandas and zoneinfo agree on
-# without question; anything else goes through `_parse_at` one value at a time.
+# Two fast paths sit in front of `_parse_at`, which is exact for every form SPEC §2 allows but
+# handles one value at a time. Each parses one known form for a whole column in one vectorised
+# pandas call and leaves whatever it refuses to `_parse_at`; both are checked against it by
+# tests. Below its threshold a path is not worth the fixed cost of a pandas call.
+#
+# 1. Kiosk CSV form, `YYYY-MM-DD HH:MM:SS` museum local time, in the years pandas and zoneinfo
+#    agree on without question. Used for the distinct seconds of a batch object's chunk.
 _LOCAL_AT = re.compile(r"(?:19|20)[0-9]{2}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01]) "
                        r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]")
+_LOCAL_AT_LENGTH = 19
+_LOCAL_AT_MIN_VALUES = 64     # fewer distinct values: one at a time is as quick
 
 
 def _parse_ats(values: list, zone: ZoneInfo) -> np.ndarray:
@@ -375,9 +414,9 @@ def _parse_ats(values: list, zone: ZoneInfo) -> np.ndarray:
     out = np.zeros((n, 3), dtype=np.int64)
     done = np.zeros(n, dtype=bool)
     match = _LOCAL_AT.fullmatch
-    form = np.fromiter((v.__class__ is str and len(v) == 19 and match(v) is not None
+    form = np.fromiter((v.__class__ is str and len(v) == _LOCAL_AT_LENGTH and match(v) is not None
                         for v in values), dtype=bool, count=n)
-    if form.sum() >= 64:
+    if form.sum() >= _LOCAL_AT_MIN_VALUES:
         where = np.flatnonzero(form)
         naive = pd.to_datetime(pd.Series(np.asarray(values, dtype=object)[where], dtype=object),
                                format="%Y-%m-%d %H:%M:%S", errors="coerce")
@@ -396,7 +435,7 @@ def _parse_ats(values: list, zone: ZoneInfo) -> np.ndarray:
 
 
 _AT_CACHE: dict[str, _ParsedAt] = {}
-_AT_CACHE_SIZE = 200_000
+_AT_CACHE_SIZE = 200_000  # parsed texts kept per zone: several days of kiosk seconds
 
 
 def _timestamps(column: pd.Series, zone: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -408,8 +447,13 @@ def _timestamps(column: pd.Series, zone: str) -> tuple[np.ndarray, np.ndarray, n
     return rows[:, 0], rows[:, 1], rows[:, 2]
 
 
-# The form every live kiosk message uses: microseconds and a numeric offset.
+# 2. The form every live kiosk message uses: microseconds and a numeric offset. Used for a
+#    consumer batch, whose timestamps are all distinct (so the per-value cache cannot help).
+#    Whether a column is in this form at all is decided from its first values.
 _KAFKA_AT = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}[+-]\d{2}:\d{2}")
+_KAFKA_AT_LENGTH = 32
+_KAFKA_AT_MIN_VALUES = 256    # fewer distinct values: one at a time is as quick
+_KAFKA_AT_SNIFF = 64          # values looked at to decide whether the column is in this form
 
 
 def _parse_kafka_form(values: np.ndarray, zone: str, table: np.ndarray) -> np.ndarray:
@@ -418,9 +462,10 @@ def _parse_kafka_form(values: np.ndarray, zone: str, table: np.ndarray) -> np.nd
     Anything else, or anything this parse refuses, is left to `_parse_at`."""
     done = np.zeros(len(values), dtype=bool)
     match = _KAFKA_AT.fullmatch
-    if len(values) < 256 or not any(v.__class__ is str and match(v) for v in values[:64]):
+    if len(values) < _KAFKA_AT_MIN_VALUES or not any(
+            v.__class__ is str and match(v) for v in values[:_KAFKA_AT_SNIFF]):
         return done  # few values, or not the live form (kiosk CSV): the per-value path
-    form = np.fromiter((v.__class__ is str and len(v) == 32 and match(v) is not None
+    form = np.fromiter((v.__class__ is str and len(v) == _KAFKA_AT_LENGTH and match(v) is not None
                         for v in values), dtype=bool, count=len(values))
     if not form.any():
         return done
@@ -492,20 +537,28 @@ def validate_events(events: pd.DataFrame, master: MasterData, rules: Rules,
                              "request_value": typ[request_rows].astype("int64")})
     if kafka:
         requests["partition"] = partitions[request_rows]
-    bad = ~valid
-    rejected = pd.DataFrame({"position": positions[bad]})
-    if kafka:
-        rejected["partition"] = partitions[bad]
-        rejected["locator"] = [f"{p}:{o}" for p, o in zip(partitions[bad], positions[bad])]
+    rejected = _rejected(events, ~valid, reasons[code[~valid]], rules)
+    return Outcome(ratings, requests, rejected)
+
+
+def _rejected(events: pd.DataFrame, bad: np.ndarray, reasons: np.ndarray,
+              rules: Rules) -> pd.DataFrame:
+    """The rejections frame of the rows `bad`, each with its reason and human detail."""
+    if not bad.any():
+        return empty_rejections()
+    positions = events["position"].to_numpy()[bad]
+    rejected = pd.DataFrame({"position": positions})
+    if "partition" in events:
+        partitions = events["partition"].to_numpy()[bad]
+        rejected["partition"] = partitions
+        rejected["locator"] = [f"{p}:{o}" for p, o in zip(partitions, positions)]
     else:
         rejected["locator"] = rejected["position"].astype(str)
-    rejected["payload"] = events["payload"].to_numpy()[bad]
-    rejected["reason"] = reasons[code[bad]]
-    rejected["detail"] = _details(rejected["reason"].to_numpy(),
-                                  events.loc[bad, list(FIELDS)].to_numpy(), rules)
     rejected["payload"] = [payload_text(p) if p.__class__ is bytes else p.replace("\x00", "\\x00")
-                           for p in rejected["payload"]]
-    return Outcome(ratings, requests, rejected if len(rejected) else empty_rejections())
+                           for p in events["payload"].to_numpy()[bad]]
+    rejected["reason"] = reasons
+    rejected["detail"] = _details(reasons, events.loc[bad, list(FIELDS)].to_numpy(), rules)
+    return rejected
 
 
 def _lookup(values: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
@@ -586,3 +639,58 @@ def parse_exhibition(raw: bytes) -> Exhibition:
 def concat_rejections(parts: Iterable[pd.DataFrame]) -> pd.DataFrame:
     frames = [p for p in parts if len(p)]
     return pd.concat(frames, ignore_index=True) if frames else empty_rejections()
+
+
+# --------------------------------------------------------------------------- kiosk objects
+Chunks = Iterator[tuple[int, list[str]]]  # (number of the first line, lines), as extract reads
+
+
+def header_problem(line: str) -> str | None:
+    """Why an object's first line is not the kiosk header, or None when it is."""
+    header = line.rstrip("\r").strip()
+    if header.lower() == CSV_HEADER:
+        return None
+    return f"the object's first line is {header[:80]!r}, expected the header {CSV_HEADER!r}"
+
+
+def split_header(chunks: Chunks) -> tuple[str | None, Chunks]:
+    """Check an object's header and take it off its lines.
+
+    Returns why the header is wrong (None when it is right) and the lines that are events.
+    With a wrong header the first line stays: it may be the first event of a file that lost
+    its header, and every line is kept as a rejection (see `validate_csv_chunk`).
+    """
+    first = next(chunks, None)
+    if first is None:
+        return None, chunks
+    first_line, lines = first
+    problem = header_problem(lines[0] if lines else "") if first_line == 1 else None
+    if first_line == 1 and problem is None:
+        first = (2, lines[1:])
+    return problem, itertools.chain([first], chunks)
+
+
+def validate_csv_chunk(first_line: int, lines: list[str], master: MasterData, rules: Rules,
+                       now: datetime, header_error: str | None = None) -> Outcome:
+    """A chunk of kiosk CSV lines as an Outcome: every non-blank line gets exactly one.
+
+    Lines that are not four fields are `malformed_row`; under a wrong header no line can be
+    trusted, so every one is a `bad_header` rejection.
+    """
+    parsed = parse_csv_lines(lines, first_line)
+    if header_error:
+        nothing = parsed.events.iloc[:0]
+        return Outcome(nothing, nothing, reject_all(parsed, "bad_header", header_error))
+    outcome = validate_events(parsed.events, master, rules, now)
+    outcome.rejections = concat_rejections([parsed.rejections, outcome.rejections])
+    return outcome
+
+
+def reject_all(parsed: ParsedEvents, reason: str, detail: str) -> pd.DataFrame:
+    """Every row of a chunk, readable or not, as a rejection with one reason."""
+    events = parsed.events[["position", "payload"]].copy()
+    events["payload"] = [p.replace("\x00", "\\x00") for p in events["payload"]]
+    events.insert(1, "locator", events["position"].astype(str))
+    events["reason"] = reason
+    events["detail"] = detail
+    return concat_rejections([events, parsed.rejections.assign(reason=reason, detail=detail)])

@@ -8,6 +8,7 @@ pinned here.
 """
 from __future__ import annotations
 
+from collections import Counter
 from datetime import UTC, date, datetime
 
 import pandas as pd
@@ -278,15 +279,19 @@ def test_source_id_is_stable_per_uri(conn):
     assert scalar(conn, "SELECT count(*) FROM event_source") == 2
 
 
+def tally(read: int, stored: int, rejected: int) -> transform.Tally:
+    return transform.Tally(read=read, ratings=stored, rejected=Counter(invalid_val=rejected))
+
+
 def test_object_load_record_round_trip(conn):
     source = new_source(conn, "s3://b/lmnh_hist_data_0.csv")
     other = new_source(conn, "s3://b/lmnh_hist_data_1.csv")
     with load.transaction(conn) as cur:
         assert load.loaded_etag(cur, source) is None
-        load.record_object_load(cur, source, "etag-1", False, 10, 7, 3)
+        load.record_object_load(cur, source, load.LoadRecord("etag-1", False), tally(10, 7, 3))
     with load.transaction(conn) as cur:
         assert load.loaded_etag(cur, source) == ("etag-1", False)
-        load.record_object_load(cur, source, "etag-2", True, 535, 520, 15)
+        load.record_object_load(cur, source, load.LoadRecord("etag-2", True), tally(535, 520, 15))
     with load.transaction(conn) as cur:
         assert load.loaded_etag(cur, source) == ("etag-2", True)
         assert load.loaded_etag(cur, other) is None
@@ -300,7 +305,7 @@ def test_object_load_record_round_trip(conn):
 def test_a_load_record_that_does_not_add_up_is_refused(conn):
     source = new_source(conn, "s3://b/k.csv")
     with pytest.raises(psycopg2.errors.CheckViolation), load.transaction(conn) as cur:
-        load.record_object_load(cur, source, "e", True, 10, 7, 2)
+        load.record_object_load(cur, source, load.LoadRecord("e", True), tally(10, 7, 2))
     with load.transaction(conn) as cur:
         assert load.loaded_etag(cur, source) is None
 
@@ -312,7 +317,7 @@ def test_transaction_rolls_back_everything_on_error(conn):
                               ["2024-10-21T08:00:00Z"], [2], "rating_id")
     with pytest.raises(RuntimeError), load.transaction(conn) as cur:
         load.copy_ratings(cur, frame, source)
-        load.record_object_load(cur, source, "e", True, 1, 1, 0)
+        load.record_object_load(cur, source, load.LoadRecord("e", True), tally(1, 1, 0))
         raise RuntimeError("crash after the rows, before the commit")
     assert table_counts(conn)["rating_interaction"] == 0
     with load.transaction(conn) as cur:

@@ -81,3 +81,46 @@ def test_interaction_keys_are_bigint(conn):
                             "WHERE column_name IN ('rating_interaction_id', "
                             "'request_interaction_id') AND table_name LIKE '%interaction'"))
     assert types == {"rating_interaction": "bigint", "request_interaction": "bigint"}
+
+
+def stored_rating(conn) -> tuple[int, int]:
+    """One rating stored through the loader's COPY path; returns (source_id, exhibition_id)."""
+    master = load.read_master_data(conn.cursor())
+    exhibition_id, rating_id = master.exhibitions[3], master.ratings[4]
+    with load.transaction(conn) as cur:
+        source = load.source_id(cur, "s3", "s3://b/lmnh_hist_data_0.csv")
+        cur.execute("INSERT INTO rating_interaction (exhibition_id, rating_id, event_at, "
+                    "source_id, position) VALUES (%s, %s, now(), %s, 2)",
+                    (exhibition_id, rating_id, source))
+    return source, exhibition_id
+
+
+@pytest.mark.parametrize("table, key, value", [
+    ("exhibition", "exhibition_id", "exhibition"), ("rating", "rating_id", "rating"),
+    ("event_source", "source_id", "source")])
+def test_a_master_or_source_row_that_events_use_cannot_be_deleted(conn, table, key, value):
+    source, exhibition_id = stored_rating(conn)
+    used = {"exhibition": exhibition_id, "source": source,
+            "rating": scalar(conn, "SELECT rating_id FROM rating WHERE rating_value = 4")}[value]
+    with pytest.raises(psycopg2.errors.ForeignKeyViolation, match="events still refer"), \
+            load.transaction(conn) as cur:
+        cur.execute(f"DELETE FROM {table} WHERE {key} = %s", (used,))  # noqa: S608 - fixed names
+    assert scalar(conn, f"SELECT count(*) FROM {table} WHERE {key} = %s", (used,)) == 1  # noqa: S608
+
+
+def test_a_master_row_no_event_uses_can_be_deleted(conn):
+    stored_rating(conn)
+    unused = scalar(conn, "SELECT exhibition_id FROM exhibition WHERE site = 5")
+    with load.transaction(conn) as cur:
+        cur.execute("DELETE FROM exhibition WHERE exhibition_id = %s", (unused,))
+    assert scalar(conn, "SELECT count(*) FROM exhibition WHERE site = 5") == 0
+
+
+@pytest.mark.parametrize("table", ["exhibition", "rating", "request", "event_source"])
+def test_truncating_a_referenced_table_is_refused(conn, table):
+    before = scalar(conn, f"SELECT count(*) FROM {table}")  # noqa: S608 - fixed table names
+    stored_rating(conn)
+    with pytest.raises(psycopg2.errors.ForeignKeyViolation, match="would orphan events"), \
+            load.transaction(conn) as cur:
+        cur.execute(f"TRUNCATE {table} CASCADE")  # noqa: S608 - fixed table names
+    assert scalar(conn, f"SELECT count(*) FROM {table}") >= before  # noqa: S608
