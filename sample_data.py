@@ -346,40 +346,53 @@ def generate_kiosk_csv(rows: int, seed: int = 0, day: str = "2023-03-06",
     special_lines: list[bytes] = []
     counts = _split_counts(rows, anomalies)
     if counts:
-        order = rng.permutation(rows)
-        py_rng = random.Random(seed)
-        taken = 0
-
-        def block(name: str) -> np.ndarray:
-            nonlocal taken
-            size = min(counts[name], rows - taken)
-            picked = order[taken:taken + size]
-            taken += size
-            return picked
-
-        before = block("before")
-        # Real early rows cluster in the quarter hour before opening; a few are much earlier.
-        seconds[before] = np.where(rng.random(before.size) < 0.85,
-                                   rng.integers(_OPEN_S - 900, _OPEN_S, before.size),
-                                   rng.integers(7 * 3600, _OPEN_S, before.size))
-        after = block("after")
-        seconds[after] = rng.integers(_CLOSE_S + 1, _CLOSE_S + 1800, after.size)
-        boundary = block("boundary")
-        seconds[boundary] = np.array([_OPEN_S, _CLOSE_S, _OPEN_S - 1, _CLOSE_S + 1])[
-            :boundary.size]
-        for reason in _CSV_REASONS:
-            for row in block(reason).tolist():
-                special_rows.append(row)
-                special_lines.append(_reason_row(reason, py_rng, day, int(seconds[row]),
-                                                 int(sites[row]), int(kinds[row])))
-        duplicates = block("duplicate")
-        # Copy from ordinary rows only, so planted anomaly counts stay exact.
-        sources = order[taken:][rng.integers(0, max(rows - taken, 1), duplicates.size)] \
-            if rows > taken else duplicates
-        seconds[duplicates] = seconds[sources]
-        sites[duplicates] = sites[sources]
-        kinds[duplicates] = kinds[sources]
+        special_rows, special_lines = _plant_anomalies(rng, random.Random(seed), counts, day,
+                                                       (seconds, sites, kinds))
     return CSV_HEADER + _render_rows(day, seconds, sites, kinds, special_rows, special_lines)
+
+
+def _plant_anomalies(rng: np.random.Generator, py_rng: random.Random, counts: dict[str, int],
+                     day: str, columns: tuple[np.ndarray, np.ndarray, np.ndarray]
+                     ) -> tuple[list[int], list[bytes]]:
+    """Turn rows into the planted anomalies (`counts` per kind), in place in the (seconds,
+    sites, kinds) columns; rows a CSV reason spoils come back as their finished lines."""
+    seconds, sites, kinds = columns
+    rows = len(seconds)
+    special_rows: list[int] = []
+    special_lines: list[bytes] = []
+    order = rng.permutation(rows)
+    taken = 0
+
+    def block(name: str) -> np.ndarray:
+        nonlocal taken
+        size = min(counts[name], rows - taken)
+        picked = order[taken:taken + size]
+        taken += size
+        return picked
+
+    before = block("before")
+    # Real early rows cluster in the quarter hour before opening; a few are much earlier.
+    seconds[before] = np.where(rng.random(before.size) < 0.85,
+                               rng.integers(_OPEN_S - 900, _OPEN_S, before.size),
+                               rng.integers(7 * 3600, _OPEN_S, before.size))
+    after = block("after")
+    seconds[after] = rng.integers(_CLOSE_S + 1, _CLOSE_S + 1800, after.size)
+    boundary = block("boundary")
+    seconds[boundary] = np.array([_OPEN_S, _CLOSE_S, _OPEN_S - 1, _CLOSE_S + 1])[
+        :boundary.size]
+    for reason in _CSV_REASONS:
+        for row in block(reason).tolist():
+            special_rows.append(row)
+            special_lines.append(_reason_row(reason, py_rng, day, int(seconds[row]),
+                                             int(sites[row]), int(kinds[row])))
+    duplicates = block("duplicate")
+    # Copy from ordinary rows only, so planted anomaly counts stay exact.
+    sources = order[taken:][rng.integers(0, max(rows - taken, 1), duplicates.size)] \
+        if rows > taken else duplicates
+    seconds[duplicates] = seconds[sources]
+    sites[duplicates] = sites[sources]
+    kinds[duplicates] = kinds[sources]
+    return special_rows, special_lines
 
 
 def _render_rows(day: str, seconds: np.ndarray, sites: np.ndarray, kinds: np.ndarray,
@@ -537,6 +550,21 @@ def _invalid_payload(variant: str, rng: random.Random, at: str, site: str, val: 
     if variant.startswith("type_") and variant != "type_on_rating":
         message["val"] = -1
         message["type"] = 0
+    if variant in _WHOLE_PAYLOAD_VARIANTS:
+        return _invalid_encoding(variant, rng, message)
+    if variant.startswith("at_"):
+        _spoil_at(variant, rng, message, at)
+    else:
+        _spoil_field(variant, rng, message)
+    return json.dumps(message).encode()
+
+
+_WHOLE_PAYLOAD_VARIANTS = ("truncated_json", "not_utf8", "empty_payload", "nan_literal",
+                           "json_array", "json_scalar")
+
+
+def _spoil_at(variant: str, rng: random.Random, message: dict[str, Any], at: str) -> None:
+    """The `at` variants: absent, null, empty, garbage, outside opening hours, far future."""
     offset = at[-6:]
     if variant == "at_absent":
         del message["at"]
@@ -560,7 +588,13 @@ def _invalid_payload(variant: str, rng: random.Random, at: str, site: str, val: 
         message["at"] = moment.isoformat()
     elif variant == "at_far_future":
         message["at"] = "2099-06-15" + at[10:26] + "+01:00"
-    elif variant == "site_absent":
+    else:  # pragma: no cover - guarded by _INVALID_VARIANTS
+        raise ValueError(variant)
+
+
+def _spoil_field(variant: str, rng: random.Random, message: dict[str, Any]) -> None:
+    """The `site`, `val` and `type` variants, one fault each."""
+    if variant == "site_absent":
         del message["site"]
     elif variant == "site_null":
         message["site"] = None
@@ -595,7 +629,13 @@ def _invalid_payload(variant: str, rng: random.Random, at: str, site: str, val: 
     elif variant == "type_on_rating":
         message["val"] = rng.randrange(5)
         message["type"] = rng.choice([0, 1])
-    elif variant == "truncated_json":
+    else:  # pragma: no cover - guarded by _INVALID_VARIANTS
+        raise ValueError(variant)
+
+
+def _invalid_encoding(variant: str, rng: random.Random, message: dict[str, Any]) -> bytes:
+    """The variants that spoil the payload as a whole rather than one field."""
+    if variant == "truncated_json":
         text = json.dumps(message)
         return text[:rng.randint(1, len(text) - 1)].encode()
     elif variant == "not_utf8":
@@ -609,9 +649,7 @@ def _invalid_payload(variant: str, rng: random.Random, at: str, site: str, val: 
         return rng.choice([b"[1, 2]", json.dumps([message]).encode()])
     elif variant == "json_scalar":
         return rng.choice([b'"hello"', b"42", b"null", json.dumps(json.dumps(message)).encode()])
-    else:  # pragma: no cover - guarded by _INVALID_VARIANTS
-        raise ValueError(variant)
-    return json.dumps(message).encode()
+    raise ValueError(variant)  # pragma: no cover - guarded by _INVALID_VARIANTS
 
 
 def generate_messages(count: int, seed: int = 0, invalid_fraction: float = 0.16,
@@ -717,11 +755,13 @@ def _parse_at(value: Any) -> datetime | None:
     return local
 
 
-def _classify_fields(at: Any, site: Any, val: Any, request_type: Any,
-                     known_sites: Container[int], ratings: Container[int],
-                     requests: Container[int], now: datetime,
-                     opening_hours: tuple[time, time]) -> str:
-    """Rules 1-11 of SPEC §2 in order; absent fields are passed as None."""
+def _classify_fields(fields: tuple[Any, Any, Any, Any],
+                     known: tuple[Container[int], Container[int], Container[int]],
+                     now: datetime, opening_hours: tuple[time, time]) -> str:
+    """Rules 1-11 of SPEC §2 in order on (at, site, val, type), against the known (sites,
+    ratings, requests); absent fields are passed as None."""
+    at, site, val, request_type = fields
+    known_sites, ratings, requests = known
     if _is_missing(at):
         return "missing_at"
     moment = _parse_at(at)
@@ -778,7 +818,7 @@ def expected_reasons(csv_bytes: bytes, known_sites: Container[int] = _SEED_SITES
             continue
         fields = next(csv.reader([line]))
         at, site, val, request_type = (fields + ["", "", "", ""])[:4]
-        counts[_classify_fields(at, site, val, request_type, known_sites, ratings, requests,
+        counts[_classify_fields((at, site, val, request_type), (known_sites, ratings, requests),
                                 moment_now, opening_hours)] += 1
     return counts
 
@@ -799,8 +839,8 @@ def classify_message(payload: bytes, known_sites: Container[int] = _SEED_SITES,
         return "malformed_json"
     if not isinstance(message, dict):
         return "not_an_object"
-    return _classify_fields(message.get("at"), message.get("site"), message.get("val"),
-                            message.get("type"), known_sites, ratings, requests, _now(now),
+    return _classify_fields((message.get("at"), message.get("site"), message.get("val"),
+                             message.get("type")), (known_sites, ratings, requests), _now(now),
                             opening_hours)
 
 
