@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import logging
 import signal
 import sys
@@ -38,8 +39,11 @@ DEFAULT_GROUP = "lmnh-pipeline"
 FATAL_KAFKA_CODES = {KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED,
                      KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.GROUP_AUTHORIZATION_FAILED,
                      KafkaError._SSL, KafkaError._INVALID_ARG}
-FATAL_DB_TEXT = ("password authentication failed", "does not exist", "no pg_hba.conf entry",
-                 "permission denied")
+# A first broker connection stuck this long in a TLS or SASL handshake means the broker does
+# not speak SECURITY_PROTOCOL (SASL_SSL against a plaintext listener hangs in SSL_HANDSHAKE;
+# librdkafka itself only gives up on the connection after 30 s, then says "brokers are down").
+PROTOCOL_CHECK_SECONDS = 20.0
+HANDSHAKE_STATES = frozenset({"SSL_HANDSHAKE", "AUTH_LEGACY", "AUTH_HANDSHAKE", "AUTH_REQ"})
 
 
 class OneLinePerOutage(logging.Filter):
@@ -193,6 +197,9 @@ class KioskConsumer:
         self.conn = None
         self.db_down_since: float | None = None
         self.broker_down = False
+        self.broker_connected = False  # a broker connection ever completed its handshake
+        self.stuck_in: str | None = None  # where a first connection was seen stuck
+        self.started = time.monotonic()
         self.fatal: str | None = None
         self.assigned: set[int] = set()
         self.accepted_gaps: set[tuple[int, int]] = set()
@@ -204,7 +211,8 @@ class KioskConsumer:
                   "auto.offset.reset": "earliest", "enable.partition.eof": True,
                   "session.timeout.ms": session_timeout_ms,
                   "heartbeat.interval.ms": max(session_timeout_ms // 3, 500),
-                  "error_cb": self._on_error, "logger": _librdkafka_logger()}
+                  "error_cb": self._on_error, "logger": _librdkafka_logger(),
+                  "statistics.interval.ms": 1000, "stats_cb": self._on_stats}
         self.consumer = Consumer(config)
 
     # ---- signals and callbacks
@@ -224,6 +232,34 @@ class KioskConsumer:
             self.broker_down = True
         else:
             log.warning("Kafka: %s", error.str())
+        if "security.protocol" in error.str():  # librdkafka's hint: a plaintext client at TLS
+            self.stuck_in = error.str()
+
+    def _on_stats(self, stats: str) -> None:
+        """Until a broker connection completes, note where the connections are stuck."""
+        if self.broker_connected:
+            return
+        states = {b.get("state") for b in json.loads(stats).get("brokers", {}).values()}
+        if "UP" in states:
+            self.broker_connected = True
+        elif states & HANDSHAKE_STATES:
+            self.stuck_in = "stuck in " + "/".join(sorted(states & HANDSHAKE_STATES))
+
+    def _check_protocol(self) -> None:
+        """Stop, in one line, when no broker connection got through its handshake in time.
+
+        The broker does not speak the configured protocol, and no waiting fixes that; a broker
+        that refuses or does not answer connections is an outage instead, waited out.
+        """
+        if self.broker_connected or self.stuck_in is None \
+                or time.monotonic() - self.started < PROTOCOL_CHECK_SECONDS:
+            return
+        kafka = self.settings.kafka
+        self.fatal = (f"the Kafka broker at {kafka.bootstrap_servers} does not speak "
+                      f"SECURITY_PROTOCOL={kafka.security_protocol}: no connection completed its "
+                      f"handshake in {PROTOCOL_CHECK_SECONDS:.0f} s ({self.stuck_in}); check "
+                      "SECURITY_PROTOCOL and the port")
+        self.stopping = True
 
     def _on_assign(self, consumer, partitions: list[TopicPartition]) -> None:
         wanted = [p.partition for p in partitions]
@@ -276,15 +312,20 @@ class KioskConsumer:
         self.conn = None
 
     def _store_with_retry(self, messages: list) -> BatchResult:
-        """Store a batch, retrying with backoff while the database is away (offsets hold)."""
+        """Store a batch, retrying with backoff while the database is away (offsets hold).
+
+        Away includes busy or changing: another session's lock (bounded by load.LOCK_TIMEOUT,
+        so a stop request is heard within seconds), a failover to a read-only replica,
+        a serialization failure; load.is_transient tells these from what waiting cannot fix.
+        """
         delay = 0.5
         while True:
             try:
                 result = store_batch(self._db(), self.topic, messages, self.rules,
                                      accepted_gaps=frozenset(self.accepted_gaps))
-            except (psycopg2.OperationalError, psycopg2.InterfaceError, load.DatabaseError) as exc:
-                text = first_line(exc)
-                if any(t in text for t in FATAL_DB_TEXT):
+            except (psycopg2.Error, load.DatabaseError) as exc:
+                text = load.describe_error(exc)
+                if not load.is_transient(exc):
                     raise FatalError(f"database refused us: {text}") from None
                 self._drop_connection()
                 if self.db_down_since is None:
@@ -338,6 +379,7 @@ class KioskConsumer:
                         break
                 batch = self.consumer.consume(num_messages=want, timeout=0.5)
                 messages = self._usable(batch)
+                self._check_protocol()
                 if messages:
                     if self.broker_down:
                         log.info("Kafka broker reachable again")

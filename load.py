@@ -36,23 +36,82 @@ COPY_TRAILER = struct.pack(">h", -1)
 
 
 class DatabaseError(RuntimeError):
-    """The database cannot be used (unreachable, refused, schema missing); message is one line."""
+    """The database cannot be used (unreachable, refused, schema missing); message is one line.
+
+    `transient` says whether waiting may fix it (a server restarting) or not (a bad password).
+    """
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
 
 
 # --------------------------------------------------------------------------- connections
+# Nothing waits forever (SPEC §3.1). Another session's lock delays a loader by at most
+# LOCK_TIMEOUT per statement (then a retried outage, or one line from the batch run), so a
+# blocked process still hears SIGTERM within seconds. STATEMENT_TIMEOUT is generous: a batch's
+# largest statement (one COPY chunk, the reference check) takes well under a second. A loader
+# that froze inside its transaction (SIGSTOP, a hung host) gives its locks back after
+# IDLE_IN_TRANSACTION_TIMEOUT.
+LOCK_TIMEOUT = "5s"
+STATEMENT_TIMEOUT = "5min"
+IDLE_IN_TRANSACTION_TIMEOUT = "2min"
+SESSION_OPTIONS = ("-c timezone=Europe/London -c work_mem=64MB "
+                   f"-c lock_timeout={LOCK_TIMEOUT} -c statement_timeout={STATEMENT_TIMEOUT} "
+                   f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT}")
+# What libpq says, with no SQLSTATE, when a connection is refused for good.
+PERMANENT_CONNECT_ERRORS = ("password authentication failed", "does not exist",
+                            "no pg_hba.conf entry", "permission denied",
+                            "not permitted to log in", "does not support SSL")
+
+
 def connect(db: DatabaseSettings) -> psycopg2.extensions.connection:
-    """A connection whose session speaks museum time, so views and psql show local times.
+    """A connection whose session speaks museum time, so views and psql show local times,
+    and whose waits are all bounded (connect timeout and TCP keepalives: connect_kwargs).
 
     work_mem 64MB keeps the reference check's transition table of a whole chunk in memory
     (at the 4MB default it spills to a temporary file on every COPY).
     """
     try:
-        conn = psycopg2.connect(**db.connect_kwargs(),
-                                options="-c timezone=Europe/London -c work_mem=64MB")
+        conn = psycopg2.connect(**db.connect_kwargs(), options=SESSION_OPTIONS)
     except psycopg2.OperationalError as exc:
-        raise DatabaseError(f"cannot connect to PostgreSQL at {db.describe()}: "
-                            f"{first_line(exc)}") from None
+        first = first_line(exc)
+        transient = not any(text in first for text in PERMANENT_CONNECT_ERRORS)
+        raise DatabaseError(f"cannot connect to PostgreSQL at {db.describe()}: {first}",
+                            transient) from None
     return conn
+
+
+# SQLSTATEs that waiting can fix (PostgreSQL manual, Appendix A): a failover to a read-only
+# replica, serialization failures and deadlocks, a server shutting down or starting up, a
+# lock or statement timeout, too many connections. Everything else (bad password 28P01,
+# permission denied 42501, undefined table 42P01, bad data) stops a run.
+TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53")
+TRANSIENT_SQLSTATES = frozenset({"25006", "25P03", "55P03", "57014", "57P01", "57P02", "57P03",
+                                 "57P05", "58030"})
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for a database error that waiting (and a new session) may fix: retry it."""
+    if isinstance(exc, DatabaseError):
+        return exc.transient
+    if not isinstance(exc, psycopg2.Error):
+        return False
+    code = exc.pgcode
+    if code is None:  # libpq's own: the connection broke or could not be made
+        return isinstance(exc, psycopg2.OperationalError | psycopg2.InterfaceError)
+    return code in TRANSIENT_SQLSTATES or code[:2] in TRANSIENT_SQLSTATE_CLASSES
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for a database error; a timeout also names the statement that waited."""
+    text = first_line(exc)
+    if getattr(exc, "pgcode", None) in ("55P03", "57014") and getattr(exc, "cursor", None):
+        query = exc.cursor.query
+        if query:
+            statement = " ".join(query.decode("utf-8", "replace").split())
+            text += f" while running `{statement[:60]}{'…' if len(statement) > 60 else ''}`"
+    return text
 
 
 @contextmanager
@@ -184,8 +243,14 @@ def source_id(cur, kind: str, uri: str) -> int:
 
 
 def lock_source(cur, source: int) -> None:
-    """Serialise work on one source across processes until this transaction ends."""
+    """Serialise work on one source across processes until this transaction ends.
+
+    Another run holds this lock while it loads the same object, which may take longer than
+    LOCK_TIMEOUT: this one wait is bounded by the statement timeout instead.
+    """
+    cur.execute("SET LOCAL lock_timeout = 0")
     cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", (0x4C4D, source))
+    cur.execute("SET LOCAL lock_timeout = DEFAULT")
 
 
 class LoadRecord(NamedTuple):

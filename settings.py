@@ -37,8 +37,13 @@ class DatabaseSettings:
     password: str = field(default="", repr=False)
 
     def connect_kwargs(self) -> dict:
+        """libpq parameters. A server that vanished without closing the connection (a host
+        down, a failover, a dropped NAT entry) is noticed by TCP keepalives within about a
+        minute instead of the kernel's two hours; a connection attempt gives up after 10 s."""
         kwargs = {"host": self.host, "port": self.port, "dbname": self.name, "user": self.user,
-                  "connect_timeout": 10, "application_name": "lmnh-pipeline"}
+                  "connect_timeout": 10, "application_name": "lmnh-pipeline",
+                  "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
+                  "keepalives_count": 3}
         if self.password:
             kwargs["password"] = self.password
         return kwargs
