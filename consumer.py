@@ -15,6 +15,7 @@ import argparse
 import gc
 import json
 import logging
+import re
 import signal
 import sys
 import time
@@ -44,6 +45,9 @@ FATAL_KAFKA_CODES = {KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_
 # librdkafka itself only gives up on the connection after 30 s, then says "brokers are down").
 PROTOCOL_CHECK_SECONDS = 20.0
 HANDSHAKE_STATES = frozenset({"SSL_HANDSHAKE", "AUTH_LEGACY", "AUTH_HANDSHAKE", "AUTH_REQ"})
+# librdkafka's log line for a connection dropped before it was up (a plaintext client at a
+# TLS listener is dropped in APIVERSION_QUERY); only the log says where, not the error callback.
+HANDSHAKE_FAILURE = re.compile(r"in state (SSL_HANDSHAKE|AUTH_\w+|APIVERSION_QUERY)\)")
 
 
 class OneLinePerOutage(logging.Filter):
@@ -168,6 +172,21 @@ def _librdkafka_logger() -> logging.Logger:
     return logger
 
 
+class LibrdkafkaLog:
+    """librdkafka's log, passed on to the "librdkafka" logger; a connection that failed in a
+    handshake is also reported to `on_failure` (the protocol check in KioskConsumer)."""
+
+    def __init__(self, on_failure):
+        self.on_failure = on_failure
+        self.logger = _librdkafka_logger()
+
+    def log(self, level: int, msg: str, *args) -> None:
+        failure = HANDSHAKE_FAILURE.search(msg % args if args else msg)
+        if failure:
+            self.on_failure(f"dropped in {failure.group(1)}")
+        self.logger.log(level, msg, *args)
+
+
 @dataclass(frozen=True)
 class ConsumerOptions:
     """The operator's choices for one consumer process, fixed when it starts."""
@@ -211,7 +230,7 @@ class KioskConsumer:
                   "auto.offset.reset": "earliest", "enable.partition.eof": True,
                   "session.timeout.ms": session_timeout_ms,
                   "heartbeat.interval.ms": max(session_timeout_ms // 3, 500),
-                  "error_cb": self._on_error, "logger": _librdkafka_logger(),
+                  "error_cb": self._on_error, "logger": LibrdkafkaLog(self._on_handshake_failure),
                   "statistics.interval.ms": 1000, "stats_cb": self._on_stats}
         self.consumer = Consumer(config)
 
@@ -232,8 +251,10 @@ class KioskConsumer:
             self.broker_down = True
         else:
             log.warning("Kafka: %s", error.str())
-        if "security.protocol" in error.str():  # librdkafka's hint: a plaintext client at TLS
-            self.stuck_in = error.str()
+
+    def _on_handshake_failure(self, where: str) -> None:
+        if not self.broker_connected:
+            self.stuck_in = where
 
     def _on_stats(self, stats: str) -> None:
         """Until a broker connection completes, note where the connections are stuck."""

@@ -8,11 +8,14 @@ broker), and the consumer and the batch run are run as the operator runs them.
 from __future__ import annotations
 
 import os
+import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg2
@@ -309,3 +312,70 @@ def test_pipeline_waits_longer_than_the_lock_timeout_for_a_run_loading_the_same_
     assert time.monotonic() - started >= 7
     assert rows(conn, "SELECT uri FROM s3_object_load JOIN event_source USING (source_id)") \
         == [(f"s3://{bucket}/lmnh_hist_data_0.csv",)]
+
+
+@pytest.fixture
+def tls_listener(tmp_path):
+    """A TLS server that is not a plaintext Kafka listener (as a SASL_SSL broker's port looks
+    to a PLAINTEXT client): it drops every connection that does not start a TLS handshake."""
+    cert, key = _self_signed_certificate(tmp_path)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.2)
+    stopping = threading.Event()
+
+    def serve() -> None:
+        while not stopping.is_set():
+            try:
+                client, _ = server.accept()
+            except TimeoutError:
+                continue
+            client.settimeout(1)
+            try:
+                context.wrap_socket(client, server_side=True).close()
+            except (ssl.SSLError, OSError):
+                client.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield server.getsockname()[1]
+    stopping.set()
+    thread.join(5)
+    server.close()
+
+
+def _self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.now(UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now).not_valid_after(now + timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_plaintext_against_a_tls_listener_says_so_in_one_line(service_env, tls_listener):
+    """The reverse: a PLAINTEXT client at a TLS port is dropped in every handshake, which
+    librdkafka only calls "brokers are down"; the consumer names SECURITY_PROTOCOL."""
+    env = {**os.environ, "BOOTSTRAP_SERVERS": f"127.0.0.1:{tls_listener}"}
+    program = ("import sys, consumer; consumer.PROTOCOL_CHECK_SECONDS = 3.0; "
+               "sys.exit(consumer.main(['--topic', 'lmnh-unused', '--group', 'g-protocol']))")
+    result = subprocess.run([sys.executable, "-c", program], cwd=PROJECT, env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, result.stderr
+    assert "SECURITY_PROTOCOL=PLAINTEXT" in errors[0] and "does not speak" in errors[0]
+    assert "Traceback" not in result.stderr
