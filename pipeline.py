@@ -360,8 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     except (psycopg2.errors.LockNotAvailable, psycopg2.errors.QueryCanceled) as exc:
         log.error("run failed: PostgreSQL gave up waiting (%s): another session holds a lock "
-                  "this run needs; the object in progress was rolled back: rerun once it is "
-                  "released", redact(load.describe_error(exc), secrets))
+                  "this run needs, or the server is overloaded; the object in progress was "
+                  "rolled back: rerun once it is released", redact(load.describe_error(exc), secrets))
         return EXIT_FAILED
     except psycopg2.Error as exc:  # after connecting: the server went away or refused a statement
         log.error("run failed: PostgreSQL failed mid-run (%s); the object in progress was rolled "
