@@ -509,3 +509,74 @@ def lock_offsets(cur, topic: str, partitions: list[int]) -> dict[int, tuple[int,
 def advance_offset(cur, source: int, next_offset: int) -> None:
     cur.execute("UPDATE kafka_offset SET next_offset = %s, updated_at = now() "
                 "WHERE source_id = %s", (next_offset, source))
+
+
+# --------------------------------------------------------------------------- replay (replay.py)
+# Sources holding rejections with one of the reasons, optionally one source: its exact uri, or
+# a prefix ending at "/" (kafka://topic names every partition and epoch of the topic).
+REPLAY_SOURCES = """
+SELECT s.source_id, s.kind, s.uri FROM event_source s
+WHERE EXISTS (SELECT 1 FROM rejected_event r
+              WHERE r.source_id = s.source_id AND r.reason = ANY(%(reasons)s))
+  AND (%(uri)s::TEXT IS NULL OR s.uri = %(uri)s
+       OR left(s.uri, length(%(uri)s) + 1) = %(uri)s || '/')
+ORDER BY s.source_id"""
+SOURCE_KNOWN = """
+SELECT EXISTS (SELECT 1 FROM event_source
+               WHERE uri = %(uri)s OR left(uri, length(%(uri)s) + 1) = %(uri)s || '/')"""
+# One page of a source's rejections, in position order after the last page (keyset
+# pagination on the primary key: each page is an index range scan, memory stays one page).
+REJECTION_PAGE = """
+SELECT position, locator, payload, reason, rejected_at FROM rejected_event
+WHERE source_id = %s AND reason = ANY(%s) AND position > %s
+ORDER BY position LIMIT %s"""
+DELETE_REJECTIONS = "DELETE FROM rejected_event WHERE source_id = %s AND position = ANY(%s)"
+# Only rows whose reason or detail really changes are written: a second replay writes nothing.
+UPDATE_REJECTIONS = """
+UPDATE rejected_event r SET reason = v.reason, detail = v.detail
+FROM unnest(%s::BIGINT[], %s::TEXT[], %s::TEXT[]) AS v (position, reason, detail)
+WHERE r.source_id = %s AND r.position = v.position
+  AND (r.reason, r.detail) IS DISTINCT FROM (v.reason, v.detail)"""
+# Moved events stay counted: stored + rejected = read (the table's CHECK holds it).
+MOVE_LOAD_COUNTS = """
+UPDATE s3_object_load
+SET events_stored = events_stored + %s, events_rejected = events_rejected - %s
+WHERE source_id = %s"""
+
+
+def replay_sources(cur, reasons: list[str], uri: str | None) -> list[tuple[int, str, str]]:
+    """(source_id, kind, uri) of every source with rejections to replay."""
+    cur.execute(REPLAY_SOURCES, {"reasons": reasons, "uri": uri})
+    return cur.fetchall()
+
+
+def source_known(cur, uri: str) -> bool:
+    cur.execute(SOURCE_KNOWN, {"uri": uri})
+    return cur.fetchone()[0]
+
+
+def rejection_page(cur, source: int, reasons: list[str], after: int, limit: int) -> list[tuple]:
+    """(position, locator, payload, reason, rejected_at) rows after position `after`."""
+    cur.execute(REJECTION_PAGE, (source, reasons, after, limit))
+    return cur.fetchall()
+
+
+def delete_rejections(cur, source: int, positions: list[int]) -> int:
+    cur.execute(DELETE_REJECTIONS, (source, positions))
+    return cur.rowcount
+
+
+def update_rejections(cur, source: int, rejections: pd.DataFrame) -> int:
+    """Set reason and detail of still-rejected events; returns how many really changed."""
+    if not len(rejections):
+        return 0
+    cur.execute(UPDATE_REJECTIONS, ([int(p) for p in rejections["position"]],
+                                    rejections["reason"].tolist(), rejections["detail"].tolist(),
+                                    source))
+    return cur.rowcount
+
+
+def move_load_counts(cur, source: int, moved: int) -> None:
+    """An S3 object's load record after `moved` of its rejections became events."""
+    if moved:
+        cur.execute(MOVE_LOAD_COUNTS, (moved, moved, source))

@@ -13,12 +13,12 @@
 --
 -- It creates two roles (roles are cluster-wide; everything else below is per database):
 --
---   lmnh_loader   LOGIN. What pipeline.py and consumer.py need, nothing more: read the master
---                 data, upsert exhibitions with their department and floor, write events,
---                 rejections, provenance, load records and Kafka offsets, and delete the rows of
---                 an S3 object whose content changed. It owns nothing, so it cannot DROP, ALTER
---                 or TRUNCATE a table, and it cannot CREATE anything in the schema. Set DB_USER /
---                 DB_PASS to it in the loaders' .env.
+--   lmnh_loader   LOGIN. What pipeline.py, consumer.py and replay.py need, nothing more: read
+--                 the master data, upsert exhibitions with their department and floor, write
+--                 events, rejections, provenance, load records and Kafka offsets, delete the rows
+--                 of an S3 object whose content changed, and re-word a replayed rejection. It owns
+--                 nothing, so it cannot DROP, ALTER or TRUNCATE a table, and it cannot CREATE
+--                 anything in the schema. Set DB_USER / DB_PASS to it in the loaders' .env.
 --   lmnh_analyst  LOGIN, read-only: SELECT on every table and view (analysis.ipynb, BI tools),
 --                 with transactions read-only by default. Give people their own logins with
 --                 `GRANT lmnh_analyst TO alice;` rather than sharing this one.
@@ -97,6 +97,10 @@ BEGIN
     -- No UPDATE: a stored event is never edited. No TRUNCATE.
     EXECUTE format('GRANT SELECT, INSERT, DELETE ON %1$I.rating_interaction, '
                    '%1$I.request_interaction, %1$I.rejected_event TO lmnh_loader', s);
+    -- replay.py re-checks rejections against today's master data: one that still fails keeps
+    -- its row with the reason and detail of the rule that fails now. Only those two columns:
+    -- where, what and when an event was (source, locator, payload, rejected_at) stay as stored.
+    EXECUTE format('GRANT UPDATE (reason, detail) ON %1$I.rejected_event TO lmnh_loader', s);
     -- Identity columns draw from their sequences without a grant; this is for any serial
     -- column a future schema might add.
     EXECUTE format('GRANT USAGE ON ALL SEQUENCES IN SCHEMA %I TO lmnh_loader', s);
