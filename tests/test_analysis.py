@@ -111,7 +111,7 @@ def expected_answers(conn) -> dict:
     values: dict[str, list[int]] = {name: [] for name in exhibitions}
     for name, _, value, _, _ in ratings:
         values[name].append(value)
-    positive = [at for *_, word, at in ratings if word in ("Good", "Amazing")]
+    positive = [at for _, _, value, _, at in ratings if value >= 3]  # Good or better
     before = sum(hour(at) < 13 for at in positive)
     after = len(positive) - before
     zoology = fmean(v for _, dept, v, _, _ in ratings if dept == "Zoology")
@@ -132,9 +132,11 @@ def expected_answers(conn) -> dict:
     }
 
 
-def check_dashboard(name: str, figure: dict, must_name: list[str]) -> None:
+def check_dashboard(name: str, figure: dict, must_name: list[str],
+                    places: dict[str, tuple[str, str]] | None = None) -> None:
     """Titled, labelled in words: no exhibition id anywhere, no axis of bare integers that is
-    not a labelled quantity, and the exhibitions it shows named."""
+    not a labelled quantity, and the exhibitions it shows named (a label's first line), with
+    their department and floor under the name wherever `places` gives them."""
     assert figure["suptitle"].strip() or len(figure["axes"]) == 1, f"{name}: no overall title"
     texts = [figure["suptitle"]]
     for ax in figure["axes"]:
@@ -150,8 +152,11 @@ def check_dashboard(name: str, figure: dict, must_name: list[str]) -> None:
     ids = [t for t in texts if EXHIBITION_ID.search(t)]
     assert not ids, f"{name}: exhibition ids shown: {ids}"
     labels = {t for ax in figure["axes"] for t in ax["xticks"] + ax["yticks"] + ax["legend"]}
-    missing = [n for n in must_name if n not in labels]
+    missing = [n for n in must_name if n not in {t.split("\n")[0] for t in labels}]
     assert not missing, f"{name}: exhibitions not named on the charts: {missing}"
+    for exhibition, (department, floor) in (places or {}).items():
+        shown = [t for t in labels if t.split("\n")[0] == exhibition]
+        assert all(department in t and floor in t for t in shown), (name, shown)
 
 
 def test_notebook_answers_from_the_loaded_data_with_readable_dashboards(
@@ -243,3 +248,61 @@ def test_notebook_is_committed_without_outputs():
     for cell in nb.cells:
         if cell.cell_type == "code":
             assert not cell.outputs and cell.execution_count is None, cell.source[:60]
+
+
+SIX_BUTTONS = SCHEMA.replace("(4, 'Amazing')", "(4, 'Amazing'), (5, 'Outstanding')")
+ROCK_POOLS = {"EXHIBITION_NAME": "Rock Pools", "EXHIBITION_ID": "EXH_06", "FLOOR": "Vault",
+              "DEPARTMENT": "Marine Biology", "START_DATE": "01/10/24",
+              "DESCRIPTION": "What the tide leaves behind."}
+
+
+def presses_for_new_master_data(rows_: int = 400) -> bytes:
+    """Kiosk lines that use site 6 and rating 5 (rejected until the museum adds them)."""
+    lines = ["at,site,val,type"]
+    for i in range(rows_):
+        site, val = (6, i % 6) if i % 3 else (i % 6, 5)
+        lines.append(f"2023-03-06 {9 + i % 8:02d}:{i % 60:02d}:{i * 7 % 60:02d},{site},{val},")
+    lines += [f"2023-03-06 1{h}:30:00,6,-1,{h % 2}.0" for h in range(4)]
+    return ("\n".join(lines) + "\n").encode()
+
+
+def test_notebook_shows_six_buttons_and_seven_exhibitions_without_code_changes(
+        s3, bucket, service_env, conn, monkeypatch, tmp_path):
+    """The museum adds rating 5 (schema.sql applied again) and exhibition 6 (its file); after
+    replay.py the notebook's answers and every chart show them, in words, department and floor."""
+    import replay
+    sample_data.seed_bucket(s3, bucket, objects=2, rows=2000, seed=5)
+    s3.put_object(Bucket=bucket, Key="lmnh_hist_data_9.csv", Body=presses_for_new_master_data())
+    assert pipeline.main(["-b", bucket, "--no-progress"]) == 0
+    load.apply_schema(conn, SIX_BUTTONS)
+    s3.put_object(Bucket=bucket, Key="lmnh_exhibition_rockpools.json",
+                  Body=sample_data.exhibition_json(ROCK_POOLS))
+    assert pipeline.main(["-b", bucket, "--no-progress"]) == 0
+    assert replay.main([]) == 0
+    assert rows(conn, "SELECT count(*) FROM rating_detail WHERE rating_value = 5") != [(0,)]
+    assert rows(conn, "SELECT count(*) FROM rating_detail WHERE public_id = 'EXH_06'") != [(0,)]
+    assert len(rows(conn, "SELECT * FROM exhibition_rating_distribution")) == 7 * 6
+    monkeypatch.setenv("LMNH_FIGURE_DIR", str(tmp_path))
+
+    nb = execute_notebook()
+
+    expected = expected_answers(conn)
+    answers = printed(nb, "ANSWERS ")
+    assert answers == expected
+    assert "Rock Pools" in answers["average_rating"]
+    markdown = " ".join(out.data["text/markdown"] for out in outputs(nb)
+                        if "text/markdown" in out.get("data", {}))
+    assert "5 Outstanding" in markdown and "Good, Amazing and Outstanding" in markdown
+    figures = printed(nb, "FIGURES ")
+    places = {name: (department, floor if floor == "Vault" else f"floor {floor}")
+              for name, department, floor in rows(conn, "SELECT exhibition_name, "
+                                                        "department_name, floor_name "
+                                                        "FROM exhibition_info")}
+    assert len(places) == 7
+    for dashboard in ("exhibition_performance", "security"):
+        check_dashboard(dashboard, figures[dashboard], sorted(places), places)
+    performance = figures["exhibition_performance"]["axes"]
+    assert performance[1]["legend"] == ["Terrible", "Bad", "Neutral", "Good", "Amazing",
+                                        "Outstanding"]
+    assert performance[0]["xticks"][-1] == "5\nOutstanding"
+    assert "Rock Pools\nMarine Biology · Vault" in performance[2]["legend"]

@@ -154,7 +154,11 @@ def test_s3_replay_moves_events_to_their_position_and_reasons_change(
                 ) == [(10, 3, 7)]
     assert_conserved(conn)
 
+    before = outcomes(conn)
     apply_schema_file(db, SIX_BUTTONS, tmp_path)  # a sixth button: rating 5 "Outstanding"
+    assert outcomes(conn) == before, "applying schema.sql again loses nothing"
+    assert rows(conn, "SELECT rating_value, rating_description FROM rating ORDER BY 1")[-2:] == [
+        (4, "Amazing"), (5, "Outstanding")]
     assert replay.main([]) == 0
     assert outcomes(conn) == expected(2, uri)
     assert rows(conn, "SELECT position, rating_description FROM rating_info ri "
