@@ -36,9 +36,10 @@ log = logging.getLogger("replay")
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 DEFAULT_REASONS = ("unknown_site", "invalid_val", "invalid_type")
-# Reasons a re-check can decide from the stored payload alone. `bad_header` is not one: it
-# condemns lines for their object's header, which the payload does not carry.
-REPLAYABLE = (*transform.REASONS, "malformed_row")
+# Reasons a re-check can decide from the stored payload alone: SPEC §2's. Not `bad_header`,
+# which condemns lines for their object's header (not in the payload), nor `malformed_row`,
+# which no master data can mend and whose payload may be cut at 1 MiB.
+REPLAYABLE = transform.REASONS
 PAGE_ROWS = 50_000
 
 
@@ -230,7 +231,7 @@ def run(settings: Settings, reasons: list[str], source_uri: str | None = None,
         with load.transaction(conn) as cur:
             if source_uri is not None and not load.source_known(cur, source_uri):
                 raise RunError(f"no event source is {source_uri!r} "
-                               "(see SELECT uri FROM event_source)")
+                               "(the table event_source lists them)")
             sources = load.replay_sources(cur, reasons, source_uri)
         for source in sources:
             source_started = time.monotonic()

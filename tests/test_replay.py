@@ -440,6 +440,7 @@ def test_help_names_the_options_and_refuses_a_reason_it_cannot_decide(capsys):
     out = capsys.readouterr().out
     for flag in ("--reason", "--source", "--dry-run", "-l {console,file}"):
         assert flag in out
-    with pytest.raises(SystemExit) as exit_:
-        replay.main(["--reason", "bad_header"])
-    assert exit_.value.code == 2
+    for reason in ("bad_header", "malformed_row"):
+        with pytest.raises(SystemExit) as exit_:
+            replay.main(["--reason", reason])
+        assert exit_.value.code == 2
