@@ -30,7 +30,7 @@ import load
 import localstack
 import transform
 from logsetup import read_protected_environment, setup_logging
-from settings import Settings, SettingsError, load_settings, redact
+from settings import Settings, SettingsError, first_line, load_settings, redact
 
 log = logging.getLogger("replay")
 
@@ -224,10 +224,7 @@ def run(settings: Settings, reasons: list[str], source_uri: str | None = None,
     rules = transform.Rules(opening=settings.opening_time, closing=settings.closing_time)
     conn = load.connect(settings.database)
     try:
-        missing = load.missing_tables(conn)
-        if missing:
-            raise RunError(f"the database has no {', '.join(missing)} table(s): "
-                           "run `bash reset.sh schema.sql` first")
+        load.ensure_schema(conn, None)
         with load.transaction(conn) as cur:
             if source_uri is not None and not load.source_known(cur, source_uri):
                 raise RunError(f"no event source is {source_uri!r} "
@@ -291,14 +288,18 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         log.error("configuration error: %s", redact(str(exc), secrets))
         return EXIT_CONFIG
+    except (psycopg2.errors.LockNotAvailable, psycopg2.errors.QueryCanceled) as exc:
+        log.error("replay failed: PostgreSQL gave up waiting (%s): another session holds a lock "
+                  "this replay needs, or the server is overloaded; the source in progress was "
+                  "rolled back: rerun once it is released",
+                  redact(load.describe_error(exc), secrets))
+        return EXIT_FAILED
     except psycopg2.Error as exc:  # after connecting: the server went away or refused a statement
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         log.error("replay failed: PostgreSQL failed mid-run (%s); the source in progress was "
-                  "rolled back: rerun to finish", redact(text, secrets))
+                  "rolled back: rerun to finish", redact(first_line(exc), secrets))
         return EXIT_FAILED
     except (RunError, load.DatabaseError, localstack.LocalStackError) as exc:
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        log.error("replay failed: %s", redact(text, secrets))
+        log.error("replay failed: %s", redact(first_line(exc), secrets))
         return EXIT_FAILED
     except KeyboardInterrupt:
         log.error("interrupted: the source in progress was rolled back; rerun to finish")

@@ -402,6 +402,27 @@ def test_replay_killed_mid_source_leaves_it_untouched_and_a_rerun_finishes(
                 ) == [(3000, 3000, 0)]
 
 
+def test_a_row_held_by_another_session_is_one_line_exit_1_and_nothing_moved(
+        s3, bucket, service_env, db, conn, capsys):
+    uri = load_kiosk_object(s3, bucket, conn)
+    add_exhibition_file(s3, bucket)
+    before = snapshot(conn)
+    holder = load.connect(db)
+    try:
+        with holder.cursor() as cur:
+            cur.execute("SELECT 1 FROM rejected_event WHERE position = 3 FOR UPDATE")
+        capsys.readouterr()
+        assert replay.main([]) == 1  # after the session's lock timeout, not forever
+    finally:
+        holder.rollback()
+        holder.close()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "gave up waiting" in err[0] and "rolled back" in err[0]
+    assert snapshot(conn) == before
+    assert replay.main([]) == 0
+    assert outcomes(conn) == expected(1, uri)
+
+
 # --------------------------------------------------------------------------- roles and CLI
 def test_the_loader_role_may_replay(s3, bucket, service_env, db, conn, monkeypatch):
     """roles.sql grants UPDATE (reason, detail) on rejected_event: without it a rejection whose
