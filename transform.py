@@ -595,6 +595,16 @@ EXHIBITION_KEYS = ("EXHIBITION_NAME", "EXHIBITION_ID", "FLOOR", "DEPARTMENT", "S
                    "DESCRIPTION")
 
 
+# What schema.sql's columns can hold: a longer name, a bigger site or a NUL would fail the upsert
+# in the database, so the parser refuses it first, naming the field (SPEC §3).
+NAME_MAX_CHARS = 100       # exhibition_name, department_name, floor_name VARCHAR(100)
+PUBLIC_ID_MAX_CHARS = 20   # public_id VARCHAR(20)
+SITE_MAX = 32767           # site SMALLINT
+EXHIBITION_TEXT_LIMITS = {"EXHIBITION_NAME": NAME_MAX_CHARS, "FLOOR": NAME_MAX_CHARS,
+                          "DEPARTMENT": NAME_MAX_CHARS, "EXHIBITION_ID": PUBLIC_ID_MAX_CHARS}
+_EXHIBITION_ID = re.compile(r"EXH_([0-9]+)")  # ASCII digits only, as schema.sql's CHECK
+
+
 class ExhibitionError(ValueError):
     """An exhibition object that cannot become master data; reported and skipped."""
 
@@ -622,18 +632,40 @@ def parse_exhibition(raw: bytes) -> Exhibition:
                or not record[k].strip()]
     if missing:
         raise ExhibitionError(f"missing or non-text {', '.join(missing)}")
+    for key in EXHIBITION_KEYS:
+        problem = unstorable_text(record[key].strip(), EXHIBITION_TEXT_LIMITS.get(key))
+        if problem:
+            raise ExhibitionError(f"{key} {problem}")
     public_id = record["EXHIBITION_ID"].strip()
-    match = re.fullmatch(r"EXH_(\d+)", public_id)
+    match = _EXHIBITION_ID.fullmatch(public_id)
     if not match:
         raise ExhibitionError(f"EXHIBITION_ID {public_id!r} is not like EXH_03")
+    site = int(match.group(1))
+    if site > SITE_MAX:
+        raise ExhibitionError(f"EXHIBITION_ID {public_id!r}: site {site} is beyond the largest "
+                              f"the database holds ({SITE_MAX})")
     try:
         start = datetime.strptime(record["START_DATE"].strip(), "%d/%m/%y").date()
     except ValueError:
         raise ExhibitionError(f"START_DATE {record['START_DATE']!r} is not DD/MM/YY") from None
-    return Exhibition(public_id=public_id, site=int(match.group(1)),
+    return Exhibition(public_id=public_id, site=site,
                       name=record["EXHIBITION_NAME"].strip(), floor=record["FLOOR"].strip(),
                       department=record["DEPARTMENT"].strip(), start_date=start,
                       description=record["DESCRIPTION"].strip())
+
+
+def unstorable_text(text: str, max_chars: int | None) -> str | None:
+    """Why PostgreSQL cannot store `text` in a column of `max_chars` (None: unlimited), or
+    None. Said without quoting the text: it may be a megabyte long."""
+    if "\x00" in text:
+        return "contains a NUL character, which PostgreSQL text cannot hold"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "contains a lone surrogate (a \\uD800-\\uDFFF escape), which is not a character"
+    if max_chars is not None and len(text) > max_chars:
+        return f"is {len(text)} characters long; the database holds at most {max_chars}"
+    return None
 
 
 def concat_rejections(parts: Iterable[pd.DataFrame]) -> pd.DataFrame:

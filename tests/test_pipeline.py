@@ -116,6 +116,77 @@ def test_malformed_exhibition_is_reported_and_skipped(s3, bucket, service_env, c
     assert sum(table_counts(conn).values()) == 100
 
 
+DEEP_SEA = {"EXHIBITION_NAME": "Deep Sea", "EXHIBITION_ID": "EXH_07", "FLOOR": "Vault",
+            "DEPARTMENT": "Marine Biology", "START_DATE": "01/01/24", "DESCRIPTION": "Abyss."}
+# Exhibition files that pass as JSON but that the database cannot hold (SPEC §3).
+UNSTORABLE_EXHIBITIONS = {
+    "lmnh_exhibition_longname.json": {**DEEP_SEA, "EXHIBITION_NAME": "N" * 101},
+    "lmnh_exhibition_longfloor.json": {**DEEP_SEA, "EXHIBITION_ID": "EXH_08", "FLOOR": "F" * 150},
+    "lmnh_exhibition_bigsite.json": {**DEEP_SEA, "EXHIBITION_ID": "EXH_40000"},
+    "lmnh_exhibition_nul.json": {**DEEP_SEA, "EXHIBITION_ID": "EXH_09", "DESCRIPTION": "a\x00b"},
+}
+
+
+def put_unstorable_exhibitions(s3, bucket: str) -> None:
+    """The seeded bucket plus a good new exhibition (site 7) and the unstorable files."""
+    put(s3, bucket, "lmnh_exhibition_deepsea.json", sample_data.exhibition_json(DEEP_SEA))
+    for key, record in UNSTORABLE_EXHIBITIONS.items():
+        put(s3, bucket, key, sample_data.exhibition_json(record))
+
+
+def test_exhibition_the_database_cannot_hold_is_skipped_and_the_run_goes_on(
+        s3, bucket, service_env, conn, capsys):
+    seed(s3, bucket, objects=1, rows_per_object=100)
+    put_unstorable_exhibitions(s3, bucket)
+    assert run("-b", bucket) == 0
+    out = capsys.readouterr().out
+    assert "7 loaded (1 added, 0 updated), 4 malformed and skipped" in out
+    assert ("skipped exhibition lmnh_exhibition_longname.json: EXHIBITION_NAME is 101 characters "
+            "long; the database holds at most 100") in out
+    assert "skipped exhibition lmnh_exhibition_longfloor.json: FLOOR is 150 characters" in out
+    assert ("skipped exhibition lmnh_exhibition_bigsite.json: EXHIBITION_ID 'EXH_40000': site "
+            "40000 is beyond the largest the database holds (32767)") in out
+    assert "skipped exhibition lmnh_exhibition_nul.json: DESCRIPTION contains a NUL" in out
+    assert "1 seen, 1 loaded" in out
+    assert sum(table_counts(conn).values()) == 100
+    assert rows(conn, "SELECT public_id FROM exhibition WHERE site >= 6 ORDER BY site") == [
+        ("EXH_07",)]
+
+
+def test_what_the_parser_misses_the_database_refuses_and_the_run_goes_on(
+        s3, bucket, service_env, conn, capsys, monkeypatch):
+    """The backstop: with the parser's storability check gone (as if it missed a case), the
+    database's DataError and psycopg2's ValueError on a NUL still skip just that file."""
+    monkeypatch.setattr(pipeline.transform, "unstorable_text", lambda text, max_chars: None)
+    seed(s3, bucket, objects=1, rows_per_object=100)
+    put_unstorable_exhibitions(s3, bucket)
+    assert run("-b", bucket) == 0
+    out = capsys.readouterr().out
+    assert "7 loaded (1 added, 0 updated), 4 malformed and skipped" in out
+    for key in UNSTORABLE_EXHIBITIONS:
+        assert f"skipped exhibition {key}: the database cannot hold it: " in out
+    assert "value too long for type character varying(100)" in out
+    assert "smallint out of range" in out
+    assert "NUL" in out
+    assert "1 seen, 1 loaded" in out
+    assert sum(table_counts(conn).values()) == 100
+    assert scalar(conn, "SELECT count(*) FROM exhibition") == 7
+
+
+def test_exhibition_limits_are_those_of_the_schema(conn):
+    columns = dict(rows(conn, "SELECT column_name, character_maximum_length "
+                              "FROM information_schema.columns WHERE table_name IN "
+                              "('exhibition', 'department', 'floor') "
+                              "AND data_type = 'character varying'"))
+    assert columns == {"exhibition_name": pipeline.transform.NAME_MAX_CHARS,
+                       "department_name": pipeline.transform.NAME_MAX_CHARS,
+                       "floor_name": pipeline.transform.NAME_MAX_CHARS,
+                       "public_id": pipeline.transform.PUBLIC_ID_MAX_CHARS}
+    assert scalar(conn, "SELECT data_type FROM information_schema.columns "
+                        "WHERE table_name = 'exhibition' AND column_name = 'site'") == "smallint"
+    assert pipeline.transform.SITE_MAX == 2**15 - 1
+
+
 def test_decoys_are_ignored(s3, bucket, service_env, conn, capsys):
     seed(s3, bucket, objects=1, rows_per_object=50)
     assert run("-b", bucket) == 0

@@ -820,6 +820,45 @@ def test_parse_exhibition_rejects_malformed_objects(raw):
     assert str(caught.value) and "\n" not in str(caught.value)
 
 
+@pytest.mark.parametrize("changes, words", [
+    ({"EXHIBITION_NAME": "N" * 101}, "EXHIBITION_NAME is 101 characters long; the database "
+                                     "holds at most 100"),
+    ({"DEPARTMENT": "D" * 200}, "DEPARTMENT is 200 characters long"),
+    ({"FLOOR": "F" * 101}, "FLOOR is 101 characters long"),
+    ({"EXHIBITION_ID": "EXH_" + "0" * 16 + "3"}, "EXHIBITION_ID is 21 characters long; the "
+                                                 "database holds at most 20"),
+    ({"EXHIBITION_ID": "EXH_40000"}, "EXHIBITION_ID 'EXH_40000': site 40000 is beyond the "
+                                     "largest the database holds (32767)"),
+    ({"EXHIBITION_ID": "EXH_32768"}, "site 32768 is beyond"),
+    ({"EXHIBITION_ID": "EXH_\u0663"}, "EXHIBITION_ID 'EXH_\u0663' is not like EXH_03"),
+    ({"EXHIBITION_NAME": "Cave\x00"}, "EXHIBITION_NAME contains a NUL character"),
+    ({"EXHIBITION_ID": "EXH_0\x003"}, "EXHIBITION_ID contains a NUL character"),
+    ({"FLOOR": "\x00"}, "FLOOR contains a NUL character"),
+    ({"DEPARTMENT": "Zoo\x00logy"}, "DEPARTMENT contains a NUL character"),
+    ({"START_DATE": "01/07/19\x00"}, "START_DATE contains a NUL character"),
+    ({"DESCRIPTION": "x" * 5000 + "\x00"}, "DESCRIPTION contains a NUL character"),
+    ({"DESCRIPTION": "half a pair \ud83d"}, "DESCRIPTION contains a lone surrogate"),
+])
+def test_parse_exhibition_refuses_what_the_database_cannot_hold(changes, words):
+    raw = json.dumps({**REAL_STYLE, **changes}).encode()
+    with pytest.raises(ExhibitionError) as caught:
+        transform.parse_exhibition(raw)
+    message = str(caught.value)
+    assert words in message
+    assert "\n" not in message and len(message) < 200  # never the whole long value
+
+
+def test_parse_exhibition_takes_what_the_database_can_hold_to_the_limit():
+    raw = json.dumps({**REAL_STYLE, "EXHIBITION_NAME": "N" * 100, "DEPARTMENT": "\u00e9" * 100,
+                      "FLOOR": "\U0001f40b" * 100, "EXHIBITION_ID": "EXH_32767",
+                      "DESCRIPTION": "long " * 10_000}).encode()
+    exhibition = transform.parse_exhibition(raw)
+    assert (exhibition.site, len(exhibition.name), len(exhibition.department),
+            len(exhibition.floor)) == (32767, 100, 100, 100)
+    raw = json.dumps({**REAL_STYLE, "EXHIBITION_ID": "EXH_" + "0" * 15 + "3"}).encode()
+    assert transform.parse_exhibition(raw).site == 3
+
+
 def test_vectorised_live_form_agrees_with_the_per_value_parser():
     """The live feed's timestamps are parsed in one vectorised call; every value must get the
     same (state, UTC instant, local time of day) as the per-value parser, across both DST
