@@ -116,6 +116,20 @@ class ParsedEvents:
 
 
 REJECTION_COLUMNS = ["position", "locator", "payload", "reason", "detail"]
+MAX_LINE_BYTES = 1024 * 1024  # SPEC §3: a longer CSV line is a malformed_row holding its first 1 MiB
+
+
+class OverlongLine(str):
+    """A CSV line over MAX_LINE_BYTES as extract reads it: its first MAX_LINE_BYTES (whole
+    characters) as text, and its full length in `length_bytes`. extract yields one in a batch
+    of its own, so parse_csv_lines looks for it only there, at no cost to ordinary batches."""
+
+    length_bytes: int
+
+    def __new__(cls, head: str, length_bytes: int) -> OverlongLine:
+        line = super().__new__(cls, head)
+        line.length_bytes = length_bytes
+        return line
 
 
 def empty_rejections() -> pd.DataFrame:
@@ -135,10 +149,13 @@ def parse_csv_lines(lines: Sequence[str], first_line_no: int) -> ParsedEvents:
     """Split kiosk CSV lines (no terminators) into fields; line numbers become positions.
 
     Blank lines are not events and are dropped. A line that is not four comma-separated fields
-    is an event we cannot read: it is rejected as `malformed_row`, never dropped. Well-formed
+    is an event we cannot read: it is rejected as `malformed_row`, never dropped; so is an
+    `OverlongLine` (alone in its batch, as extract yields it). Well-formed
     lines (nearly all) are split in one pass over the joined text rather than line by line.
     """
     lines = list(lines)
+    if len(lines) == 1 and isinstance(lines[0], OverlongLine):
+        return _overlong_row(lines[0], first_line_no)
     text = "\n".join(lines)
     if "\r" in text:
         lines = [line.removesuffix("\r") for line in lines]
@@ -193,6 +210,16 @@ def parse_csv_lines(lines: Sequence[str], first_line_no: int) -> ParsedEvents:
 
 
 _COUNT_COMMAS = operator.methodcaller("count", ",")
+
+
+def _overlong_row(line: OverlongLine, line_no: int) -> ParsedEvents:
+    """A line too long to be an event: a malformed_row keeping its head and saying its length."""
+    rejection = pd.DataFrame({
+        "position": np.array([line_no], dtype="int64"), "locator": [str(line_no)],
+        "payload": [str(line).replace("\x00", "\\x00")], "reason": "malformed_row",
+        "detail": [f"line is {line.length_bytes} bytes long, over the limit of {MAX_LINE_BYTES} "
+                   "bytes (1 MiB); the payload holds its first 1 MiB"]})
+    return ParsedEvents(parse_csv_lines([], line_no).events, rejection)
 
 
 def _objects(*parts: list) -> np.ndarray:

@@ -604,6 +604,20 @@ def test_a_line_without_four_fields_is_a_malformed_row_not_dropped(line):
     assert "4" in parsed.rejections["detail"].iloc[0]
 
 
+def test_an_overlong_line_is_a_malformed_row_with_its_head_and_its_full_length():
+    """Even with four fields (it would otherwise pass as an event): over 1 MiB is not a line a
+    kiosk writes, and the payload is the head extract kept, NUL escaped for PostgreSQL."""
+    head = f"{AT},1,2,\x00" + "x" * 100
+    parsed, outcome = validate_csv([transform.OverlongLine(head, 5_000_000_123)], first_line_no=7)
+    assert outcome.count == 0 and len(parsed.events) == 0
+    assert parsed.rejections[["position", "locator", "payload", "reason"]].values.tolist() == [
+        [7, "7", head.replace("\x00", "\\x00"), "malformed_row"]]
+    detail = parsed.rejections["detail"].iloc[0]
+    assert "5000000123 bytes" in detail and "1 MiB" in detail
+    assert type(parsed.rejections["payload"].iloc[0]) is str
+    assert str(parsed.rejections["position"].dtype) == "int64"
+
+
 def test_quoted_fields_are_read_as_csv():
     parsed, outcome = validate_csv([f'"{AT}","1","2",""', f'{AT},"1,5",2,',
                                     f'"{AT}",2,"-1","1.0"'])
