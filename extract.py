@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 
 import boto3
@@ -159,14 +159,14 @@ def _iter_lines(body, obj: S3Object, chunk_bytes: int) -> Iterator[tuple[int, li
 
 
 class _LineSplitter:
-    """An object's bytes in, numbered batches of lines out, with the state kept between chunks.
+    r"""An object's bytes in, numbered batches of lines out, with the state kept between chunks.
 
     `\n`, `\r\n` and a lone `\r` each end a line (SPEC §3), and a CR ending one chunk with a LF
     starting the next is one terminator, so line numbers (an event's identity) stay those of
     the file. The pending, unterminated line is kept whole only up to MAX_LINE_BYTES; beyond
     that only its head and its length are, so an object with no line end at all is read in
     bounded memory and linear time. A line over the limit comes as an `OverlongLine` in a batch
-    of its own. The common case (LF only, short lines) costs two byte scans per chunk more.
+    of its own. The common case (LF only, short lines) costs one byte scan per chunk more.
     """
 
     def __init__(self) -> None:
@@ -177,6 +177,7 @@ class _LineSplitter:
         self.first = True     # nothing yielded yet: a BOM is still to be dropped
 
     def feed(self, chunk: bytes) -> Iterator[tuple[int, list[str]]]:
+        """The lines this chunk ends; the unended rest waits for the next chunk."""
         if not chunk:
             return
         if self.skip_lf:
@@ -208,7 +209,7 @@ class _LineSplitter:
         else:
             self.pending = tail
 
-    def _end_overlong(self, chunk: bytes):
+    def _end_overlong(self, chunk: bytes) -> Generator[tuple[int, list[str]], None, bytes | None]:
         """Count an overlong line's bytes up to its end; yield it there and return the rest of
         the chunk, or None while it goes on."""
         ends = [at for at in (chunk.find(b"\n"), chunk.find(b"\r")) if at >= 0]
