@@ -150,12 +150,16 @@ def parse_csv_lines(lines: Sequence[str], first_line_no: int) -> ParsedEvents:
 
     Blank lines are not events and are dropped. A line that is not four comma-separated fields
     is an event we cannot read: it is rejected as `malformed_row`, never dropped; so is an
-    `OverlongLine` (alone in its batch, as extract yields it). Well-formed
-    lines (nearly all) are split in one pass over the joined text rather than line by line.
+    `OverlongLine`, which extract yields alone in its batch, so only such a batch is looked at.
     """
-    lines = list(lines)
     if len(lines) == 1 and isinstance(lines[0], OverlongLine):
         return _overlong_row(lines[0], first_line_no)
+    return _split_csv_lines(list(lines), first_line_no)
+
+
+def _split_csv_lines(lines: list[str], first_line_no: int) -> ParsedEvents:
+    """`parse_csv_lines` of ordinary lines. Well-formed lines (nearly all) are split in one pass
+    over the joined text rather than line by line."""
     text = "\n".join(lines)
     if "\r" in text:
         lines = [line.removesuffix("\r") for line in lines]
