@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 
 import boto3
@@ -16,6 +16,7 @@ import botocore.exceptions
 from botocore.config import Config
 
 from settings import S3Settings
+from transform import MAX_LINE_BYTES, OverlongLine
 
 log = logging.getLogger("extract")
 
@@ -121,8 +122,9 @@ def open_kiosk_object(client, obj: S3Object, chunk_bytes: int = CHUNK_BYTES,
                       first_lines: int = FIRST_LINES) -> OpenedObject:
     """Start streaming an object; `chunks` yields (number of the first line, lines).
 
-    Lines come without terminators (a CR before LF stays for the parser to strip), bytes that
-    are not UTF-8 are escaped as text so the raw line can still be kept in a rejection.
+    Lines come without terminators (LF, CRLF or a lone CR), bytes that are not UTF-8 are
+    escaped as text so the raw line can still be kept in a rejection; a line over
+    MAX_LINE_BYTES comes alone in its batch as an `OverlongLine` (its head and its length).
     """
     try:
         response = client.get_object(Bucket=obj.bucket, Key=obj.key)
@@ -145,28 +147,133 @@ def _split_first(chunks: Iterator[tuple[int, list[str]]],
 
 
 def _iter_lines(body, obj: S3Object, chunk_bytes: int) -> Iterator[tuple[int, list[str]]]:
-    line_no = 1
-    rest = b""
-    first = True
+    splitter = _LineSplitter()
     try:
         for chunk in body.iter_chunks(chunk_bytes):
-            data = rest + chunk
-            cut = data.rfind(b"\n")
-            if cut < 0:
-                rest = data
-                continue
-            rest = data[cut + 1:]
-            text = data[:cut].decode("utf-8", "backslashreplace")
-            if first:
-                text = text.removeprefix("\ufeff")
-                first = False
-            lines = text.split("\n")
-            yield line_no, lines
-            line_no += len(lines)
-        if rest:
-            text = rest.decode("utf-8", "backslashreplace")
-            yield line_no, [text.removeprefix("\ufeff") if first else text]
+            yield from splitter.feed(chunk)
+        yield from splitter.finish()
     except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
         raise SourceError(describe_s3_error(exc, f"lost {obj.uri} while reading it")) from None
     finally:
         body.close()
+
+
+class _LineSplitter:
+    r"""An object's bytes in, numbered batches of lines out, with the state kept between chunks.
+
+    `\n`, `\r\n` and a lone `\r` each end a line (SPEC §3), and a CR ending one chunk with a LF
+    starting the next is one terminator, so line numbers (an event's identity) stay those of
+    the file. The pending, unterminated line is kept whole only up to MAX_LINE_BYTES; beyond
+    that only its head and its length are, so an object with no line end at all is read in
+    bounded memory and linear time. A line over the limit comes as an `OverlongLine` in a batch
+    of its own. The common case (LF only, short lines) costs one byte scan per chunk more.
+    """
+
+    def __init__(self) -> None:
+        self.line_no = 1
+        self.pending = b""    # the start of the line not yet ended (no CR or LF in it)
+        self.long_bytes = 0   # > 0: the pending line is overlong, `pending` is its head
+        self.skip_lf = False  # the last chunk ended with a CR: a LF starting this one is its pair
+        self.first = True     # nothing yielded yet: a BOM is still to be dropped
+
+    def feed(self, chunk: bytes) -> Iterator[tuple[int, list[str]]]:
+        """The lines this chunk ends; the unended rest waits for the next chunk."""
+        if not chunk:
+            return
+        if self.skip_lf:
+            self.skip_lf = False
+            chunk = chunk[1:] if chunk[:1] == b"\n" else chunk
+        if self.long_bytes:
+            chunk = yield from self._end_overlong(chunk)
+            if chunk is None:
+                return
+        data = self.pending + chunk if self.pending else chunk
+        if b"\r" in data:
+            self.skip_lf = data.endswith(b"\r")
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        cut = data.rfind(b"\n")
+        self._keep_pending(data[cut + 1:] if cut >= 0 else data)
+        if cut >= 0:
+            yield from self._batches(data, cut)
+
+    def finish(self) -> Iterator[tuple[int, list[str]]]:
+        """The last line, when the object does not end with a line end."""
+        if self.long_bytes:
+            yield self._emit([self._overlong(self.pending, self.long_bytes)])
+        elif self.pending:
+            yield self._emit([self._decode(self.pending)])
+
+    def _keep_pending(self, tail: bytes) -> None:
+        if len(tail) > MAX_LINE_BYTES:
+            self.pending, self.long_bytes = tail[:MAX_LINE_BYTES], len(tail)
+        else:
+            self.pending = tail
+
+    def _end_overlong(self, chunk: bytes) -> Generator[tuple[int, list[str]], None, bytes | None]:
+        """Count an overlong line's bytes up to its end; yield it there and return the rest of
+        the chunk, or None while it goes on."""
+        ends = [at for at in (chunk.find(b"\n"), chunk.find(b"\r")) if at >= 0]
+        if not ends:
+            self.long_bytes += len(chunk)
+            return None
+        end = min(ends)
+        self.long_bytes += end
+        yield self._emit([self._overlong(self.pending, self.long_bytes)])
+        self.pending, self.long_bytes = b"", 0
+        if chunk[end:end + 2] == b"\r\n":
+            end += 1
+        elif end == len(chunk) - 1 and chunk[end:] == b"\r":
+            self.skip_lf = True
+        return chunk[end + 1:]
+
+    def _batches(self, data: bytes, cut: int) -> Iterator[tuple[int, list[str]]]:
+        """The lines of data[:cut]; any over MAX_LINE_BYTES in a batch of its own."""
+        if not _may_hold_overlong_line(data, cut):
+            yield self._emit(self._decode(data[:cut]).split("\n"))
+            return
+        parts = data[:cut].split(b"\n")
+        start = 0
+        for i, part in enumerate(parts):
+            if len(part) > MAX_LINE_BYTES:
+                if i > start:
+                    yield self._emit(self._decode(b"\n".join(parts[start:i])).split("\n"))
+                yield self._emit([self._overlong(part[:MAX_LINE_BYTES], len(part))])
+                start = i + 1
+        if start < len(parts):
+            yield self._emit(self._decode(b"\n".join(parts[start:])).split("\n"))
+
+    def _emit(self, lines: list[str]) -> tuple[int, list[str]]:
+        first, self.line_no = self.line_no, self.line_no + len(lines)
+        return first, lines
+
+    def _decode(self, raw: bytes) -> str:
+        """Text of raw bytes; bytes that are not UTF-8 escaped so the raw line can be kept."""
+        text = raw.decode("utf-8", "backslashreplace")
+        if self.first:
+            self.first = False
+            text = text.removeprefix("\ufeff")
+        return text
+
+    def _overlong(self, head: bytes, length: int) -> OverlongLine:
+        return OverlongLine(self._decode(_whole_characters(head)), length)
+
+
+def _may_hold_overlong_line(data: bytes, cut: int) -> bool:
+    """Whether data[:cut] may hold a line over MAX_LINE_BYTES, found without splitting it: such
+    a line covers a whole aligned block of half that size, so a block with a LF in each clears
+    the chunk (each find stops at the block's first LF, a few bytes in)."""
+    block = MAX_LINE_BYTES // 2
+    return any(data.find(b"\n", at, at + block) < 0 for at in range(0, cut - block + 1, block))
+
+
+def _whole_characters(head: bytes) -> bytes:
+    """`head` without a UTF-8 character cut in two at its end."""
+    lead = len(head) - 1
+    while lead > 0 and len(head) - lead < 4 and head[lead] & 0xC0 == 0x80:
+        lead -= 1
+    if lead < 0:
+        return head
+    byte = head[lead]
+    size = 1 if byte < 0x80 else 2 if byte >> 5 == 0b110 else 3 if byte >> 4 == 0b1110 else (
+        4 if byte >> 3 == 0b11110 else 1)
+    return head[:lead] if lead + size > len(head) else head

@@ -168,6 +168,13 @@ def load_exhibitions(batch: BatchRun, objects: list[extract.S3Object]) -> None:
             log.warning("skipped exhibition object %s: %s", obj.uri, why)
             summary.exhibitions_failed.append((obj.key, why))
             continue
+        except (psycopg2.DataError, ValueError) as exc:
+            # A backstop: parse_exhibition refuses what it knows the columns cannot hold; what
+            # it misses (psycopg2 refuses a NUL with ValueError) is skipped the same way.
+            why = f"the database cannot hold it: {first_line(exc)}"
+            log.warning("skipped exhibition object %s: %s", obj.uri, why)
+            summary.exhibitions_failed.append((obj.key, why))
+            continue
         summary.exhibitions_loaded += 1
         summary.exhibitions_changed[change] += 1
         log.log(logging.DEBUG if change == "unchanged" else logging.INFO,

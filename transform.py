@@ -116,6 +116,20 @@ class ParsedEvents:
 
 
 REJECTION_COLUMNS = ["position", "locator", "payload", "reason", "detail"]
+MAX_LINE_BYTES = 1024 * 1024  # SPEC §3: a longer CSV line is a malformed_row holding its first 1 MiB
+
+
+class OverlongLine(str):
+    """A CSV line over MAX_LINE_BYTES as extract reads it: its first MAX_LINE_BYTES (whole
+    characters) as text, and its full length in `length_bytes`. extract yields one in a batch
+    of its own, so parse_csv_lines looks for it only there, at no cost to ordinary batches."""
+
+    length_bytes: int
+
+    def __new__(cls, head: str, length_bytes: int) -> OverlongLine:
+        line = super().__new__(cls, head)
+        line.length_bytes = length_bytes
+        return line
 
 
 def empty_rejections() -> pd.DataFrame:
@@ -135,10 +149,17 @@ def parse_csv_lines(lines: Sequence[str], first_line_no: int) -> ParsedEvents:
     """Split kiosk CSV lines (no terminators) into fields; line numbers become positions.
 
     Blank lines are not events and are dropped. A line that is not four comma-separated fields
-    is an event we cannot read: it is rejected as `malformed_row`, never dropped. Well-formed
-    lines (nearly all) are split in one pass over the joined text rather than line by line.
+    is an event we cannot read: it is rejected as `malformed_row`, never dropped; so is an
+    `OverlongLine`, which extract yields alone in its batch, so only such a batch is looked at.
     """
-    lines = list(lines)
+    if len(lines) == 1 and isinstance(lines[0], OverlongLine):
+        return _overlong_row(lines[0], first_line_no)
+    return _split_csv_lines(list(lines), first_line_no)
+
+
+def _split_csv_lines(lines: list[str], first_line_no: int) -> ParsedEvents:
+    """`parse_csv_lines` of ordinary lines. Well-formed lines (nearly all) are split in one pass
+    over the joined text rather than line by line."""
     text = "\n".join(lines)
     if "\r" in text:
         lines = [line.removesuffix("\r") for line in lines]
@@ -193,6 +214,16 @@ def parse_csv_lines(lines: Sequence[str], first_line_no: int) -> ParsedEvents:
 
 
 _COUNT_COMMAS = operator.methodcaller("count", ",")
+
+
+def _overlong_row(line: OverlongLine, line_no: int) -> ParsedEvents:
+    """A line too long to be an event: a malformed_row keeping its head and saying its length."""
+    rejection = pd.DataFrame({
+        "position": np.array([line_no], dtype="int64"), "locator": [str(line_no)],
+        "payload": [str(line).replace("\x00", "\\x00")], "reason": "malformed_row",
+        "detail": [f"line is {line.length_bytes} bytes long, over the limit of {MAX_LINE_BYTES} "
+                   "bytes (1 MiB); the payload holds its first 1 MiB"]})
+    return ParsedEvents(parse_csv_lines([], line_no).events, rejection)
 
 
 def _objects(*parts: list) -> np.ndarray:
@@ -595,6 +626,16 @@ EXHIBITION_KEYS = ("EXHIBITION_NAME", "EXHIBITION_ID", "FLOOR", "DEPARTMENT", "S
                    "DESCRIPTION")
 
 
+# What schema.sql's columns can hold: a longer name, a bigger site or a NUL would fail the upsert
+# in the database, so the parser refuses it first, naming the field (SPEC §3).
+NAME_MAX_CHARS = 100       # exhibition_name, department_name, floor_name VARCHAR(100)
+PUBLIC_ID_MAX_CHARS = 20   # public_id VARCHAR(20)
+SITE_MAX = 32767           # site SMALLINT
+EXHIBITION_TEXT_LIMITS = {"EXHIBITION_NAME": NAME_MAX_CHARS, "FLOOR": NAME_MAX_CHARS,
+                          "DEPARTMENT": NAME_MAX_CHARS, "EXHIBITION_ID": PUBLIC_ID_MAX_CHARS}
+_EXHIBITION_ID = re.compile(r"EXH_([0-9]+)")  # ASCII digits only, as schema.sql's CHECK
+
+
 class ExhibitionError(ValueError):
     """An exhibition object that cannot become master data; reported and skipped."""
 
@@ -622,18 +663,40 @@ def parse_exhibition(raw: bytes) -> Exhibition:
                or not record[k].strip()]
     if missing:
         raise ExhibitionError(f"missing or non-text {', '.join(missing)}")
+    for key in EXHIBITION_KEYS:
+        problem = unstorable_text(record[key].strip(), EXHIBITION_TEXT_LIMITS.get(key))
+        if problem:
+            raise ExhibitionError(f"{key} {problem}")
     public_id = record["EXHIBITION_ID"].strip()
-    match = re.fullmatch(r"EXH_(\d+)", public_id)
+    match = _EXHIBITION_ID.fullmatch(public_id)
     if not match:
         raise ExhibitionError(f"EXHIBITION_ID {public_id!r} is not like EXH_03")
+    site = int(match.group(1))
+    if site > SITE_MAX:
+        raise ExhibitionError(f"EXHIBITION_ID {public_id!r}: site {site} is beyond the largest "
+                              f"the database holds ({SITE_MAX})")
     try:
         start = datetime.strptime(record["START_DATE"].strip(), "%d/%m/%y").date()
     except ValueError:
         raise ExhibitionError(f"START_DATE {record['START_DATE']!r} is not DD/MM/YY") from None
-    return Exhibition(public_id=public_id, site=int(match.group(1)),
+    return Exhibition(public_id=public_id, site=site,
                       name=record["EXHIBITION_NAME"].strip(), floor=record["FLOOR"].strip(),
                       department=record["DEPARTMENT"].strip(), start_date=start,
                       description=record["DESCRIPTION"].strip())
+
+
+def unstorable_text(text: str, max_chars: int | None) -> str | None:
+    """Why PostgreSQL cannot store `text` in a column of `max_chars` (None: unlimited), or
+    None. Said without quoting the text: it may be a megabyte long."""
+    if "\x00" in text:
+        return "contains a NUL character, which PostgreSQL text cannot hold"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "contains a lone surrogate (a \\uD800-\\uDFFF escape), which is not a character"
+    if max_chars is not None and len(text) > max_chars:
+        return f"is {len(text)} characters long; the database holds at most {max_chars}"
+    return None
 
 
 def concat_rejections(parts: Iterable[pd.DataFrame]) -> pd.DataFrame:

@@ -2,11 +2,13 @@
 
 Why: the museum's bucket is full of look-alikes, so selection is by exact name and must hold
 across listing pages; kiosk objects are streamed in chunks, so a line split over a chunk
-boundary, a BOM, CRLF, a missing final newline or bytes that are not UTF-8 must each come out
-as the same lines, numbered as in the file; and an S3 failure must be one readable line.
+boundary, a BOM, CRLF or lone CR line ends, a missing final newline or bytes that are not UTF-8
+must each come out as the same lines, numbered as in the file; a line of any length costs
+bounded memory; and an S3 failure must be one readable line.
 """
 from __future__ import annotations
 
+import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -108,7 +110,7 @@ BODY = ("\ufeffat,site,val,type\r\n"
         "caf\u00e9 \u2603 is not a row,,,\n"
         "\n"
         "2023-03-06 09:00:02,3,4,").encode("utf-8")
-EXPECTED = [(1, "at,site,val,type\r"), (2, "2023-03-06 09:00:00,1,2,\r"), (3, "\r"),
+EXPECTED = [(1, "at,site,val,type"), (2, "2023-03-06 09:00:00,1,2,"), (3, ""),
             (4, "2023-03-06 09:00:01,2,-1,0.0"), (5, "caf\u00e9 \u2603 is not a row,,,"),
             (6, ""), (7, "2023-03-06 09:00:02,3,4,")]
 
@@ -181,6 +183,105 @@ def test_etag_is_that_of_the_version_read_not_of_the_listing(s3, bucket):
     lines = [line for _, chunk in opened.chunks for line in chunk]
     assert opened.etag == new_etag
     assert lines == ["at,site,val,type", "new,1,2,"]
+
+
+# --------------------------------------------------------------------------- line ends
+CR_ROWS = [f"2023-03-06 10:00:{i:02d},{i % 5},{i % 5}," for i in range(40)]
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 5, 64, extract.CHUNK_BYTES])
+def test_lone_cr_ends_a_line(s3, bucket, chunk_bytes):
+    """Old spreadsheet tools save with CR alone: each CR ends a line, numbered as in the file."""
+    body = ("at,site,val,type\r" + "\r".join(CR_ROWS) + "\r").encode()
+    put(s3, bucket, "k.csv", body)
+    _, numbered = read_all(s3, bucket, "k.csv", chunk_bytes)
+    assert numbered == [(1, "at,site,val,type")] + [(i + 2, r) for i, r in enumerate(CR_ROWS)]
+
+
+def test_lf_crlf_and_cr_mixed_each_end_one_line(s3, bucket):
+    put(s3, bucket, "k.csv", b"a\nb\r\nc\rd\r\re\n\rf\r\n\r\ng")
+    for chunk_bytes in range(1, 12):
+        _, numbered = read_all(s3, bucket, "k.csv", chunk_bytes)
+        assert [line for _, line in numbered] == ["a", "b", "c", "d", "", "e", "", "f", "", "g"]
+
+
+@pytest.mark.parametrize("chunk_bytes", [2, 3, 4, 17, 43])
+def test_crlf_split_across_chunks_is_one_line_end(s3, bucket, chunk_bytes):
+    """With 17- or 43-byte chunks a CR ends a chunk and its LF starts the next: still one
+    line end, not an extra (blank) line that would shift every later line number."""
+    rows = ["2023-03-06 10:00:00,1,2,", "2023-03-06 10:00:01,2,3,", "x,y", "2023-03-06 10:00:02,3,4,"]
+    body = ("at,site,val,type\r\n" + "\r\n".join(rows) + "\r\n").encode()
+    assert body[16:18] == body[42:44] == b"\r\n"  # chunk_bytes 17 or 43: the pair is split
+    put(s3, bucket, "k.csv", body)
+    _, numbered = read_all(s3, bucket, "k.csv", chunk_bytes)
+    assert numbered == [(1, "at,site,val,type")] + [(i + 2, r) for i, r in enumerate(rows)]
+
+
+# --------------------------------------------------------------------------- overlong lines
+MIB = extract.MAX_LINE_BYTES
+
+
+@pytest.mark.parametrize("chunk_bytes", [300_000, MIB, extract.CHUNK_BYTES, 8 * MIB])
+@pytest.mark.parametrize("end", [b"\n", b"\r\n", b"\r", b""])
+def test_a_line_over_1_mib_comes_alone_as_its_head_and_its_length(s3, bucket, chunk_bytes, end):
+    """Within one chunk or across many, whatever ends it: the line is its first MiB, cut on a
+    character boundary, with its full length in bytes; the lines around it keep their numbers."""
+    long_line = b"2023-03-06 10:00:00,1,2," + "\u20ac".encode() * 400_000  # 1,200,024 bytes
+    body = (b"at,site,val,type\n2023-03-06 09:00:00,1,2,\n" + long_line + end
+            + (b"2023-03-06 09:00:01,1,2,\n" if end else b""))
+    put(s3, bucket, "k.csv", body)
+    batches: list[int] = []
+    _, numbered = read_all(s3, bucket, "k.csv", chunk_bytes, batches=batches)
+    assert [n for n, _ in numbered] == list(range(1, 5 if end else 4))
+    line = numbered[2][1]
+    assert isinstance(line, extract.OverlongLine)
+    assert line.length_bytes == len(long_line)
+    head = line.encode()
+    assert len(head) <= MIB and len(head) > MIB - 3  # whole characters: at most 2 bytes short
+    assert long_line.startswith(head) and "\\x" not in line
+    assert 1 in batches  # alone in its batch
+    if end:
+        assert numbered[3] == (4, "2023-03-06 09:00:01,1,2,")
+        assert not isinstance(numbered[3][1], extract.OverlongLine)
+
+
+@pytest.mark.parametrize("chunk_bytes", [1000, MIB // 2 + 1, extract.CHUNK_BYTES])
+def test_lines_up_to_1_mib_are_whole(s3, bucket, chunk_bytes):
+    exactly = b"x" * MIB
+    body = b"a\n" + exactly + b"\n" + b"y" * (MIB - 1) + b"\r" + b"z" * (MIB // 2 + 7)
+    put(s3, bucket, "k.csv", body)
+    _, numbered = read_all(s3, bucket, "k.csv", chunk_bytes)
+    assert [len(line) for _, line in numbered] == [1, MIB, MIB - 1, MIB // 2 + 7]
+    assert not any(isinstance(line, extract.OverlongLine) for _, line in numbered)
+
+
+def test_overlong_first_line_drops_the_bom_and_counts_every_byte(s3, bucket):
+    body = b"\xef\xbb\xbf" + b"q" * (3 * MIB)
+    put(s3, bucket, "k.csv", body)
+    _, numbered = read_all(s3, bucket, "k.csv", 100_000)
+    assert len(numbered) == 1
+    assert numbered[0][1].length_bytes == len(body)
+    assert numbered[0][1] == "q" * (MIB - 3)
+
+
+def test_an_object_with_no_line_end_is_read_in_bounded_memory(s3, bucket):
+    """~200 MB without a line end, through the real S3 endpoint: the extract side holds at most
+    a chunk and a MiB of it at any time (before, the pending line grew to the whole object and
+    was copied again with every chunk)."""
+    size = 200 * 1024 * 1024
+    put(s3, bucket, "k.csv", b"at,site,val,type\n" + b"7" * size)
+    head = s3.head_object(Bucket=bucket, Key="k.csv")
+    obj = S3Object(bucket, "k.csv", head["ETag"].strip('"'), head["ContentLength"])
+    tracemalloc.start()
+    try:
+        opened = extract.open_kiosk_object(s3, obj)
+        numbered = [(first, lines) for first, lines in opened.chunks]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < size / 20, f"peak {peak / 2**20:.0f} MiB reading a {size / 2**20:.0f} MiB line"
+    assert [(first, len(lines)) for first, lines in numbered] == [(1, 1), (2, 1)]
+    assert numbered[1][1][0].length_bytes == size
 
 
 # --------------------------------------------------------------------------- failures

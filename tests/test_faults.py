@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -68,10 +69,10 @@ def stored_outcomes(conn, uri: str) -> Counter:
 
 def event_lines(body: bytes, header_ok: bool) -> int:
     """Lines of an object that are events: not blank; the header line too when it is wrong."""
-    lines = body.split(b"\n")
+    lines = re.split(rb"\r\n|\r|\n", body)  # SPEC §3: each of these ends a line
     if lines and lines[-1] == b"":
         lines.pop()
-    texts = [line.decode("utf-8", "backslashreplace").removesuffix("\r") for line in lines]
+    texts = [line.decode("utf-8", "backslashreplace") for line in lines]
     if texts:
         texts[0] = texts[0].removeprefix("\ufeff")
     if header_ok:
@@ -259,6 +260,7 @@ def _garbage(size: int, seed: int) -> bytes:
 REJECT_REASONS = set(transform.REASONS) | set(transform.OWN_REASONS)
 GOOD_ROW = b"2023-03-06 10:00:00,1,3,\n"
 HUGE = 9 * 1024 * 1024  # beyond extract.CHUNK_BYTES: the line spans chunks
+MIB = 1024 * 1024  # SPEC §3: a longer line is a malformed_row holding its first MiB
 
 # name -> (body, header is right, outcomes of its corrupted lines (None: garbage, any reason),
 #          its normal rows, which the reference classifier judges)
@@ -275,8 +277,7 @@ CORRUPTED: dict[str, tuple[bytes, bool, Counter, bytes]] = {
     "utf8_bom_and_crlf": (b"\xef\xbb\xbfat,site,val,type\r\n" + GOOD_ROW.replace(b"\n", b"\r\n") * 4,
                           True, Counter(), GOOD_ROW * 4),
     "huge_lines": (HEADER + GOOD_ROW + b"x" * HUGE + b"\n" + b"2023-03-06 10:00:00,1,3,"
-                   + b"y" * (1024 * 1024) + b"\n" + GOOD_ROW, True,
-                   Counter(malformed_row=1, unexpected_type=1), GOOD_ROW * 2),
+                   + b"y" * MIB + b"\n" + GOOD_ROW, True, Counter(malformed_row=2), GOOD_ROW * 2),
     "nul_bytes": (HEADER + b"2023-03-06 10:00:00,1\x00,3,\n\x00\x00\x00\n"
                   b"2023-03-06 10:00:00,1,3,\x00\n\x00at,site,val,type\n" + GOOD_ROW, True,
                   Counter(unknown_site=1, malformed_row=1, unexpected_type=1, invalid_at=1),
@@ -286,9 +287,10 @@ CORRUPTED: dict[str, tuple[bytes, bool, Counter, bytes]] = {
     "invalid_utf8": (HEADER + b"2023-03-06 10:00:00,1,3,\xff\xfe\n\xc3(,1,3,\n" + GOOD_ROW, True,
                      Counter(unexpected_type=1, invalid_at=1), GOOD_ROW),
     "cr_only_line_endings": (b'at,site,val,type\r2023-03-06 10:00:00,1,3,\r"2023-03-06 10:00:01",'
-                             b"1,3,\r", False, Counter(bad_header=1), b""),
+                             b"1,3,\r", True, Counter(),
+                             b'2023-03-06 10:00:00,1,3,\n"2023-03-06 10:00:01",1,3,\n'),
     "bare_cr_mid_line": (HEADER + b"foo\rbar\n2023-03-06 10:00:00,1,3,x\ry\n" + GOOD_ROW, True,
-                         Counter(malformed_row=1, unexpected_type=1), GOOD_ROW),
+                         Counter(malformed_row=3, unexpected_type=1), GOOD_ROW),
     "huge_quoted_field": (HEADER + b'2023-03-06 10:00:00,1,3,"' + b"z" * 200_000 + b'"\n' + GOOD_ROW,
                           True, None, GOOD_ROW),
     "empty_object": (b"", True, Counter(), b""),
@@ -335,7 +337,8 @@ def test_corrupted_object_is_rejected_row_by_row_and_the_others_still_load(
 
 
 def test_corrupted_rows_are_stored_as_they_were_read(s3, bucket, service_env, conn):
-    """Rejected payloads keep the line: NUL and bytes that are not UTF-8 escaped, huge lines whole."""
+    """Rejected payloads keep the line: NUL and bytes that are not UTF-8 escaped; a line over
+    1 MiB as its first MiB, its full length in the detail (SPEC §3)."""
     put(s3, bucket, sample_data.kiosk_key(0), CORRUPTED["nul_bytes"][0])
     put(s3, bucket, sample_data.kiosk_key(1), CORRUPTED["invalid_utf8"][0])
     put(s3, bucket, sample_data.kiosk_key(2), CORRUPTED["huge_lines"][0])
@@ -347,9 +350,12 @@ def test_corrupted_rows_are_stored_as_they_were_read(s3, bucket, service_env, co
     assert payloads[f"{key}0.csv#3"] == "\\x00\\x00\\x00"
     assert payloads[f"{key}1.csv#2"] == "2023-03-06 10:00:00,1,3,\\xff\\xfe"
     assert payloads[f"{key}1.csv#3"] == "\\xc3(,1,3,"
-    assert payloads[f"{key}2.csv#3"] == "x" * HUGE
-    assert len(payloads[f"{key}2.csv#4"]) == len("2023-03-06 10:00:00,1,3,") + 1024 * 1024
-    assert reason_counts(conn)["malformed_row"] == 2
+    assert payloads[f"{key}2.csv#3"] == "x" * MIB
+    assert payloads[f"{key}2.csv#4"] == "2023-03-06 10:00:00,1,3," + "y" * (MIB - 24)
+    details = dict(rows(conn, "SELECT locator, detail FROM rejected_event WHERE source LIKE %s",
+                        ("%2.csv",)))
+    assert f"{HUGE} bytes" in details["3"] and f"{MIB + 24} bytes" in details["4"]
+    assert reason_counts(conn)["malformed_row"] == 3
 
 
 def test_kafka_payload_with_a_bare_carriage_return_is_a_rejection_not_a_poison_pill(

@@ -116,6 +116,78 @@ def test_malformed_exhibition_is_reported_and_skipped(s3, bucket, service_env, c
     assert sum(table_counts(conn).values()) == 100
 
 
+DEEP_SEA = {"EXHIBITION_NAME": "Deep Sea", "EXHIBITION_ID": "EXH_07", "FLOOR": "Vault",
+            "DEPARTMENT": "Marine Biology", "START_DATE": "01/01/24", "DESCRIPTION": "Abyss."}
+# Exhibition files that pass as JSON but that the database cannot hold (SPEC §3).
+UNSTORABLE_EXHIBITIONS = {
+    "lmnh_exhibition_longname.json": {**DEEP_SEA, "EXHIBITION_NAME": "N" * 101},
+    "lmnh_exhibition_longfloor.json": {**DEEP_SEA, "EXHIBITION_ID": "EXH_08", "FLOOR": "F" * 150},
+    "lmnh_exhibition_bigsite.json": {**DEEP_SEA, "EXHIBITION_ID": "EXH_40000"},
+    "lmnh_exhibition_nul.json": {**DEEP_SEA, "EXHIBITION_ID": "EXH_09", "DESCRIPTION": "a\x00b"},
+}
+
+
+def put_unstorable_exhibitions(s3, bucket: str) -> None:
+    """The seeded bucket plus a good new exhibition (site 7) and the unstorable files."""
+    put(s3, bucket, "lmnh_exhibition_deepsea.json", sample_data.exhibition_json(DEEP_SEA))
+    for key, record in UNSTORABLE_EXHIBITIONS.items():
+        put(s3, bucket, key, sample_data.exhibition_json(record))
+
+
+def test_exhibition_the_database_cannot_hold_is_skipped_and_the_run_goes_on(
+        s3, bucket, service_env, conn, capsys):
+    seed(s3, bucket, objects=1, rows_per_object=100)
+    put_unstorable_exhibitions(s3, bucket)
+    assert run("-b", bucket) == 0
+    out = capsys.readouterr().out
+    assert "7 loaded (1 added, 0 updated), 4 malformed and skipped" in out
+    assert ("skipped exhibition lmnh_exhibition_longname.json: EXHIBITION_NAME is 101 characters "
+            "long; the database holds at most 100") in out
+    assert "skipped exhibition lmnh_exhibition_longfloor.json: FLOOR is 150 characters" in out
+    assert ("skipped exhibition lmnh_exhibition_bigsite.json: EXHIBITION_ID 'EXH_40000': site "
+            "40000 is beyond the largest the database holds (32767)") in out
+    assert "skipped exhibition lmnh_exhibition_nul.json: DESCRIPTION contains a NUL" in out
+    assert "1 seen, 1 loaded" in out
+    assert sum(table_counts(conn).values()) == 100
+    assert rows(conn, "SELECT public_id FROM exhibition WHERE site >= 6 ORDER BY site") == [
+        ("EXH_07",)]
+
+
+def test_what_the_parser_misses_the_database_refuses_and_the_run_goes_on(
+        s3, bucket, service_env, conn, capsys, monkeypatch):
+    """The backstop: with the parser's storability check gone (as if it missed a case), the
+    database's DataError and psycopg2's ValueError on a NUL still skip just that file."""
+    monkeypatch.setattr(pipeline.transform, "unstorable_text", lambda text, max_chars: None)
+    monkeypatch.setattr(pipeline.transform, "SITE_MAX", 10**9)
+    seed(s3, bucket, objects=1, rows_per_object=100)
+    put_unstorable_exhibitions(s3, bucket)
+    assert run("-b", bucket) == 0
+    out = capsys.readouterr().out
+    assert "7 loaded (1 added, 0 updated), 4 malformed and skipped" in out
+    for key in UNSTORABLE_EXHIBITIONS:
+        assert f"skipped exhibition {key}: the database cannot hold it: " in out
+    assert "value too long for type character varying(100)" in out
+    assert "smallint out of range" in out
+    assert "NUL" in out
+    assert "1 seen, 1 loaded" in out
+    assert sum(table_counts(conn).values()) == 100
+    assert scalar(conn, "SELECT count(*) FROM exhibition") == 7
+
+
+def test_exhibition_limits_are_those_of_the_schema(conn):
+    columns = dict(rows(conn, "SELECT column_name, character_maximum_length "
+                              "FROM information_schema.columns WHERE table_name IN "
+                              "('exhibition', 'department', 'floor') "
+                              "AND data_type = 'character varying'"))
+    assert columns == {"exhibition_name": pipeline.transform.NAME_MAX_CHARS,
+                       "department_name": pipeline.transform.NAME_MAX_CHARS,
+                       "floor_name": pipeline.transform.NAME_MAX_CHARS,
+                       "public_id": pipeline.transform.PUBLIC_ID_MAX_CHARS}
+    assert scalar(conn, "SELECT data_type FROM information_schema.columns "
+                        "WHERE table_name = 'exhibition' AND column_name = 'site'") == "smallint"
+    assert pipeline.transform.SITE_MAX == 2**15 - 1
+
+
 def test_decoys_are_ignored(s3, bucket, service_env, conn, capsys):
     seed(s3, bucket, objects=1, rows_per_object=50)
     assert run("-b", bucket) == 0
@@ -169,6 +241,93 @@ def test_wrong_header_rejects_every_line_and_other_objects_load(s3, bucket, serv
     assert run("-b", bucket) == 0
     assert reason_counts(conn) == {"bad_header": 2}
     assert table_counts(conn)["rating_interaction"] == 1
+
+
+def stored_by_position(conn, key: str) -> list[tuple]:
+    """(position, what became of it) of every event of one object, in line order."""
+    return rows(conn, """
+        SELECT position, 'rating' FROM rating_interaction JOIN event_source USING (source_id)
+         WHERE uri LIKE %(key)s
+        UNION ALL
+        SELECT position, 'request' FROM request_interaction JOIN event_source USING (source_id)
+         WHERE uri LIKE %(key)s
+        UNION ALL
+        SELECT position, reason FROM rejected_event WHERE source LIKE %(key)s
+        ORDER BY 1""", {"key": f"%/{key}"})
+
+
+def test_cr_only_and_crlf_objects_load_like_lf_at_the_same_line_numbers(
+        s3, bucket, service_env, conn):
+    """A file saved with lone CR line ends (old spreadsheet tools) is N events, not one; its
+    events are stored at the same positions (line numbers, their identity) as the LF file's."""
+    body = sample_data.generate_kiosk_csv(3000, seed=11)
+    assert b"\r" not in body
+    put(s3, bucket, "lmnh_hist_data_0.csv", body)
+    put(s3, bucket, "lmnh_hist_data_1.csv", body.replace(b"\n", b"\r"))
+    put(s3, bucket, "lmnh_hist_data_2.csv", body.replace(b"\n", b"\r\n"))
+    assert run("-b", bucket) == 0
+    lf = stored_by_position(conn, "lmnh_hist_data_0.csv")
+    assert len(lf) == 3000 and lf[0][0] == 2 and lf[-1][0] == 3001
+    assert stored_by_position(conn, "lmnh_hist_data_1.csv") == lf
+    assert stored_by_position(conn, "lmnh_hist_data_2.csv") == lf
+    assert Counter(kind for _, kind in lf) == expected_outcomes([body])
+
+
+def test_a_line_over_1_mib_is_a_malformed_row_and_the_lines_after_it_load(
+        s3, bucket, service_env, conn, capsys):
+    long_line = b"2023-03-06 10:00:00,1,2," + b"9" * (3 * 1024 * 1024)
+    put(s3, bucket, "lmnh_hist_data_0.csv",
+        b"at,site,val,type\r\n2023-03-06 10:00:00,1,2,\r\n" + long_line
+        + b"\r2023-03-06 10:00:01,2,3,\r\n")
+    assert run("-b", bucket) == 0
+    assert stored_by_position(conn, "lmnh_hist_data_0.csv") == [
+        (2, "rating"), (3, "malformed_row"), (4, "rating")]
+    (locator, size, head, detail), = rows(
+        conn, "SELECT locator, octet_length(payload), left(payload, 30), detail FROM rejected_event")
+    assert (locator, size, head) == ("3", 1024 * 1024, long_line[:30].decode())
+    assert f"{len(long_line)} bytes" in detail
+    assert "3 read = 2 stored" in capsys.readouterr().out
+
+
+# pipeline.py as a program, reporting its own peak RSS at exit. VmHWM, not wait4's ru_maxrss:
+# Linux counts in a child's ru_maxrss the RSS of the parent (pytest) it was forked from.
+PEAK_RSS_OF_PIPELINE = """
+import runpy, sys
+sys.argv = ["pipeline.py", *sys.argv[1:]]
+try:
+    runpy.run_path("pipeline.py", run_name="__main__")
+finally:
+    with open("/proc/self/status") as status:
+        print(next(line for line in status if line.startswith("VmHWM:")), file=sys.stderr)
+"""
+
+
+def run_pipeline_process(bucket: str, service_env: dict) -> tuple[int, int, str]:
+    """pipeline.py as its own process: (exit code, peak RSS in bytes, stderr)."""
+    result = subprocess.run([sys.executable, "-c", PEAK_RSS_OF_PIPELINE, "-b", bucket,
+                             "--no-progress"], cwd=PROJECT, env={**os.environ, **service_env},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            timeout=600)
+    peak_kib = int(result.stderr.strip().splitlines()[-1].split()[1])
+    return result.returncode, peak_kib * 1024, result.stderr
+
+
+def test_an_object_with_no_line_end_keeps_the_runs_memory_bounded(s3, bucket, service_env, conn):
+    """~200 MB and no line end: the run finishes, the line is one malformed_row, and the
+    process's peak RSS grows by a small fraction of the object over a run of a tiny object
+    (before, the pending line grew to the whole object and was copied with every chunk)."""
+    put(s3, bucket, "lmnh_hist_data_0.csv", b"at,site,val,type\n2023-03-06 10:00:00,1,2,\n")
+    code, small_rss, stderr = run_pipeline_process(bucket, service_env)
+    assert code == 0, stderr
+    size = 200 * 1024 * 1024
+    put(s3, bucket, "lmnh_hist_data_1.csv", b"at,site,val,type\n" + b"x" * size)
+    code, big_rss, stderr = run_pipeline_process(bucket, service_env)
+    assert code == 0, stderr
+    assert big_rss - small_rss < size / 10, (
+        f"peak RSS {big_rss / 2**20:.0f} MiB against {small_rss / 2**20:.0f} MiB for a tiny object")
+    assert rows(conn, "SELECT locator, reason, octet_length(payload) FROM rejected_event") == [
+        ("2", "malformed_row", 1024 * 1024)]
+    assert f"{size} bytes" in scalar(conn, "SELECT detail FROM rejected_event")
 
 
 def test_crlf_bom_blank_lines_and_no_final_newline(s3, bucket, service_env, conn):

@@ -604,6 +604,20 @@ def test_a_line_without_four_fields_is_a_malformed_row_not_dropped(line):
     assert "4" in parsed.rejections["detail"].iloc[0]
 
 
+def test_an_overlong_line_is_a_malformed_row_with_its_head_and_its_full_length():
+    """Even with four fields (it would otherwise pass as an event): over 1 MiB is not a line a
+    kiosk writes, and the payload is the head extract kept, NUL escaped for PostgreSQL."""
+    head = f"{AT},1,2,\x00" + "x" * 100
+    parsed, outcome = validate_csv([transform.OverlongLine(head, 5_000_000_123)], first_line_no=7)
+    assert outcome.count == 0 and len(parsed.events) == 0
+    assert parsed.rejections[["position", "locator", "payload", "reason"]].values.tolist() == [
+        [7, "7", head.replace("\x00", "\\x00"), "malformed_row"]]
+    detail = parsed.rejections["detail"].iloc[0]
+    assert "5000000123 bytes" in detail and "1 MiB" in detail
+    assert type(parsed.rejections["payload"].iloc[0]) is str
+    assert str(parsed.rejections["position"].dtype) == "int64"
+
+
 def test_quoted_fields_are_read_as_csv():
     parsed, outcome = validate_csv([f'"{AT}","1","2",""', f'{AT},"1,5",2,',
                                     f'"{AT}",2,"-1","1.0"'])
@@ -818,6 +832,45 @@ def test_parse_exhibition_rejects_malformed_objects(raw):
     with pytest.raises(ExhibitionError) as caught:
         transform.parse_exhibition(raw)
     assert str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"EXHIBITION_NAME": "N" * 101}, "EXHIBITION_NAME is 101 characters long; the database "
+                                     "holds at most 100"),
+    ({"DEPARTMENT": "D" * 200}, "DEPARTMENT is 200 characters long"),
+    ({"FLOOR": "F" * 101}, "FLOOR is 101 characters long"),
+    ({"EXHIBITION_ID": "EXH_" + "0" * 16 + "3"}, "EXHIBITION_ID is 21 characters long; the "
+                                                 "database holds at most 20"),
+    ({"EXHIBITION_ID": "EXH_40000"}, "EXHIBITION_ID 'EXH_40000': site 40000 is beyond the "
+                                     "largest the database holds (32767)"),
+    ({"EXHIBITION_ID": "EXH_32768"}, "site 32768 is beyond"),
+    ({"EXHIBITION_ID": "EXH_\u0663"}, "EXHIBITION_ID 'EXH_\u0663' is not like EXH_03"),
+    ({"EXHIBITION_NAME": "Cave\x00"}, "EXHIBITION_NAME contains a NUL character"),
+    ({"EXHIBITION_ID": "EXH_0\x003"}, "EXHIBITION_ID contains a NUL character"),
+    ({"FLOOR": "\x00"}, "FLOOR contains a NUL character"),
+    ({"DEPARTMENT": "Zoo\x00logy"}, "DEPARTMENT contains a NUL character"),
+    ({"START_DATE": "01/07/19\x00"}, "START_DATE contains a NUL character"),
+    ({"DESCRIPTION": "x" * 5000 + "\x00"}, "DESCRIPTION contains a NUL character"),
+    ({"DESCRIPTION": "half a pair \ud83d"}, "DESCRIPTION contains a lone surrogate"),
+])
+def test_parse_exhibition_refuses_what_the_database_cannot_hold(changes, words):
+    raw = json.dumps({**REAL_STYLE, **changes}).encode()
+    with pytest.raises(ExhibitionError) as caught:
+        transform.parse_exhibition(raw)
+    message = str(caught.value)
+    assert words in message
+    assert "\n" not in message and len(message) < 200  # never the whole long value
+
+
+def test_parse_exhibition_takes_what_the_database_can_hold_to_the_limit():
+    raw = json.dumps({**REAL_STYLE, "EXHIBITION_NAME": "N" * 100, "DEPARTMENT": "\u00e9" * 100,
+                      "FLOOR": "\U0001f40b" * 100, "EXHIBITION_ID": "EXH_32767",
+                      "DESCRIPTION": "long " * 10_000}).encode()
+    exhibition = transform.parse_exhibition(raw)
+    assert (exhibition.site, len(exhibition.name), len(exhibition.department),
+            len(exhibition.floor)) == (32767, 100, 100, 100)
+    raw = json.dumps({**REAL_STYLE, "EXHIBITION_ID": "EXH_" + "0" * 15 + "3"}).encode()
+    assert transform.parse_exhibition(raw).site == 3
 
 
 def test_vectorised_live_form_agrees_with_the_per_value_parser():
