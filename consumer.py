@@ -21,15 +21,18 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
+import pandas as pd
 import psycopg2
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
+import alerts
 import load
 import localstack
 import transform
-from logsetup import read_protected_environment, setup_logging
+from logsetup import protect_secrets, read_protected_environment, setup_logging
 from settings import SCHEMA_FILE, Settings, SettingsError, first_line, load_settings, redact
 
 log = logging.getLogger("consumer")
@@ -83,12 +86,16 @@ class BatchResult:
     requests: int = 0
     rejected: Counter = field(default_factory=Counter)
     next_offsets: dict[int, int] = field(default_factory=dict)
-    emergencies: list[tuple[str, int, str]] = field(default_factory=list)
+    emergencies: list[dict] = field(default_factory=list)  # fresh ones (alerts.emergencies_of)
+    old_emergencies: int = 0          # too old to alert: a backlog being caught up
+    alerts_queued: int = 0            # rows this batch added to alert_outbox
+    last_event_at: dict[int, float] = field(default_factory=dict)  # site -> newest event (Unix s)
 
 
 def store_batch(conn, topic: str, messages: list, rules: transform.Rules,
                 now: datetime | None = None,
-                accepted_gaps: frozenset[tuple[int, int]] = frozenset()) -> BatchResult:
+                accepted_gaps: frozenset[tuple[int, int]] = frozenset(),
+                alerting: alerts.Alerting = alerts.NO_ALERTS) -> BatchResult:
     """Validate a batch and commit its rows, rejections and offsets in one transaction.
 
     The partitions' offset rows are locked first; a message below the stored offset is already
@@ -96,6 +103,8 @@ def store_batch(conn, topic: str, messages: list, rules: transform.Rules,
     starts above the stored offset would skip messages: it raises OffsetGap instead (nothing
     written), unless that gap was already re-read once and confirmed (`accepted_gaps`: the
     broker no longer holds those offsets, e.g. after retention).
+    Fresh emergency calls are queued in the alert outbox in the same transaction when
+    `alerting.outbox` is set (SPEC §4.1).
     """
     result = BatchResult(messages=len(messages))
     with load.transaction(conn) as cur:
@@ -126,11 +135,25 @@ def store_batch(conn, topic: str, messages: list, rules: transform.Rules,
             result.next_offsets[message.partition()] = message.offset() + 1
         for partition, next_offset in result.next_offsets.items():
             load.advance_offset(cur, source_of[partition], next_offset)
-        emergencies = outcome.requests[outcome.requests["request_value"] == 1]
-        for site, at in zip(emergencies["site"], emergencies["event_at"]):
-            result.emergencies.append((master.exhibition_names.get(int(site), "?"), int(site),
-                                       at.tz_convert(rules.zone).isoformat()))
+        calls = alerts.emergencies_of(outcome.requests, master.exhibition_names, rules.zone,
+                                      now or datetime.now(UTC), alerting.max_age)
+        result.emergencies, result.old_emergencies = calls.fresh, calls.old
+        if alerting.outbox:
+            result.alerts_queued = alerts.write_alerts(cur, topic, calls.fresh, source_of)
+        result.last_event_at = newest_event_per_site(outcome, master)
     return result
+
+
+def newest_event_per_site(outcome: transform.Outcome, master: transform.MasterData
+                          ) -> dict[int, float]:
+    """Site -> Unix time of its newest stored event in a batch, for the silent-kiosk gauge."""
+    stored = pd.concat([outcome.ratings[["exhibition_id", "event_at"]],
+                        outcome.requests[["exhibition_id", "event_at"]]])
+    if not len(stored):
+        return {}
+    site_of = {exhibition: site for site, exhibition in master.exhibitions.items()}
+    newest = stored.groupby("exhibition_id")["event_at"].max()
+    return {site_of[int(e)]: at.timestamp() for e, at in newest.items() if int(e) in site_of}
 
 
 def read_positions(conn, topic: str, partitions: list[int]) -> dict[int, int]:
@@ -139,19 +162,43 @@ def read_positions(conn, topic: str, partitions: list[int]) -> dict[int, int]:
 
 
 class Metrics:
-    """Prometheus metrics when --metrics-port is given; no-ops otherwise."""
+    """Prometheus metrics when --metrics-port is given; no-ops otherwise (SPEC §4.1).
 
-    def __init__(self, port: int | None):
+    Each instance has its own registry, so that tests can run several consumers in one process.
+    """
+
+    def __init__(self, port: int | None, host: str = "127.0.0.1",
+                 rules: transform.Rules | None = None):
         self.enabled = port is not None
         if not self.enabled:
             return
+        from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_server
         from prometheus_client import Counter as PCounter
-        from prometheus_client import Gauge, Histogram, start_http_server
-        self.stored = PCounter("lmnh_events_stored_total", "Events stored", ["kind"])
-        self.rejected = PCounter("lmnh_events_rejected_total", "Events rejected", ["reason"])
-        self.latency = Histogram("lmnh_batch_seconds", "Seconds to store one batch")
-        self.offset = Gauge("lmnh_last_offset", "Next offset stored per partition", ["partition"])
-        start_http_server(port, addr="127.0.0.1")
+        self.registry = registry = CollectorRegistry()
+        self.stored = PCounter("lmnh_events_stored_total", "Events stored", ["kind"],
+                               registry=registry)
+        self.rejected = PCounter("lmnh_events_rejected_total", "Events rejected", ["reason"],
+                                 registry=registry)
+        self.latency = Histogram("lmnh_batch_seconds", "Seconds to store one batch",
+                                 registry=registry)
+        self.offset = Gauge("lmnh_last_offset", "Next offset stored per partition", ["partition"],
+                            registry=registry)
+        self.lag = Gauge("lmnh_partition_lag", "Log end offset (as of the last fetch) minus the "
+                         "stored next offset, per assigned partition", ["partition"],
+                         registry=registry)
+        self.last_event = Gauge("lmnh_site_last_event_timestamp_seconds",
+                                "Unix time of the newest stored event per site", ["site"],
+                                registry=registry)
+        self.alerts_sent = PCounter("lmnh_alerts_sent", "Emergency alerts delivered (2xx)",
+                                    registry=registry)
+        self.pending = Gauge("lmnh_alerts_pending", "Emergency alerts stored but not yet "
+                             "delivered", registry=registry)
+        if rules is not None:
+            Gauge("lmnh_museum_open", "1 during the configured opening hours (museum time)",
+                  registry=registry).set_function(lambda: float(museum_open(rules)))
+        self.lag_partitions: set[int] = set()
+        self.newest: dict[int, float] = {}
+        start_http_server(port, addr=host, registry=registry)
 
     def observe(self, result: BatchResult, seconds: float) -> None:
         if not self.enabled:
@@ -163,6 +210,34 @@ class Metrics:
         self.latency.observe(seconds)
         for partition, offset in result.next_offsets.items():
             self.offset.labels(str(partition)).set(offset)
+        for site, at in result.last_event_at.items():
+            if at > self.newest.get(site, 0.0):  # a late event does not move it back
+                self.newest[site] = at
+                self.last_event.labels(str(site)).set(at)
+
+    def observe_lag(self, lag: dict[int, int]) -> None:
+        """Set the lag of the assigned partitions; partitions no longer assigned disappear."""
+        if not self.enabled:
+            return
+        for partition in self.lag_partitions - set(lag):
+            self.lag.remove(str(partition))
+        for partition, value in lag.items():
+            self.lag.labels(str(partition)).set(value)
+        self.lag_partitions = set(lag)
+
+    def alert_sent(self) -> None:
+        if self.enabled:
+            self.alerts_sent.inc()
+
+    def alerts_pending(self, count: int) -> None:
+        if self.enabled:
+            self.pending.set(count)
+
+
+def museum_open(rules: transform.Rules, now: datetime | None = None) -> bool:
+    """Whether it is opening hours in museum time: silent kiosks only matter then."""
+    local = (now or datetime.now(UTC)).astimezone(ZoneInfo(rules.zone)).time()
+    return rules.opening <= local <= rules.closing
 
 
 def _librdkafka_logger() -> logging.Logger:
@@ -224,6 +299,9 @@ class KioskConsumer:
         self.accepted_gaps: set[tuple[int, int]] = set()
         self.at_end: set[int] = set()
         self.totals = BatchResult()
+        self.alerting, self.sender = alerting_of(settings, metrics)
+        self.stored_next: dict[int, int] = {}  # partition -> next offset stored, for the lag
+        self.lag_updated = 0.0
         session_timeout_ms = options.session_timeout_ms
         config = {**settings.kafka.client_config(), "group.id": options.group,
                   "enable.auto.commit": False, "enable.auto.offset.store": False,
@@ -343,7 +421,8 @@ class KioskConsumer:
         while True:
             try:
                 result = store_batch(self._db(), self.topic, messages, self.rules,
-                                     accepted_gaps=frozenset(self.accepted_gaps))
+                                     accepted_gaps=frozenset(self.accepted_gaps),
+                                     alerting=self.alerting)
             except (psycopg2.Error, load.DatabaseError) as exc:
                 text = load.describe_error(exc)
                 if not load.is_transient(exc):
@@ -387,6 +466,8 @@ class KioskConsumer:
 
     # ---- the loop
     def run(self) -> int:
+        if self.sender is not None:
+            self.sender.start()  # first sends whatever a crash left pending
         self.consumer.subscribe([self.topic], on_assign=self._on_assign,
                                 on_revoke=self._on_revoke, on_lost=self._on_lost)
         last_report = time.monotonic()
@@ -416,6 +497,7 @@ class KioskConsumer:
                 if self.stop_at_end and self.assigned and self.at_end >= self.assigned:
                     log.info("all assigned partitions are at their end; stopping")
                     break
+                self._update_lag(after_batch=bool(messages))
                 if time.monotonic() - last_report >= 30:
                     done = self.totals.messages - reported
                     log.info("throughput: %d messages in %.0f s (%.0f msg/s)", done,
@@ -425,6 +507,8 @@ class KioskConsumer:
         finally:
             self.consumer.close()
             self._drop_connection()
+            if self.sender is not None:
+                self.sender.stop(grace=self.settings.alert_timeout_seconds + 1)
         if self.fatal:
             raise FatalError(self.fatal)
         return EXIT_OK
@@ -464,16 +548,46 @@ class KioskConsumer:
             self.consumer.commit(offsets=[TopicPartition(self.topic, p, o)
                                           for p, o in result.next_offsets.items()],
                                  asynchronous=True)
+        if result.alerts_queued and self.sender is not None:
+            self.sender.wake()  # committed: the sender can see them now
         self._add(result)
+        self.stored_next.update(result.next_offsets)
         self.metrics.observe(result, seconds)
-        for name, site, at in result.emergencies:
-            log.warning("EMERGENCY call at %s (site %d) at %s", name, site, at)
+        for call in result.emergencies:
+            log.warning("EMERGENCY call at %s (site %d) at %s", call["exhibition"], call["site"],
+                        call["at"])
+        if result.old_emergencies:
+            log.info("%d emergency call(s) older than %d minutes stored without an alert "
+                     "(a backlog being caught up)", result.old_emergencies,
+                     self.settings.alert_max_age_minutes)
         log.info("batch: %d messages = %d ratings + %d requests + %d rejected%s (%.3f s)%s",
                  result.messages, result.ratings, result.requests,
                  sum(result.rejected.values()),
                  f" + {result.duplicates} already stored" if result.duplicates else "", seconds,
                  "" if not result.rejected else " " + ", ".join(
                      f"{k}={v}" for k, v in sorted(result.rejected.items())))
+
+    def _update_lag(self, after_batch: bool) -> None:
+        """lmnh_partition_lag after each batch, and once a second when idle: the high watermark
+        librdkafka cached from the last fetch response (no request to the broker; Tansu's
+        answer to a watermark request is too low, SPEC §5) minus the stored next offset."""
+        if not self.metrics.enabled or (
+                not after_batch and time.monotonic() - self.lag_updated < 1.0):
+            return
+        self.lag_updated = time.monotonic()
+        lag = {}
+        for partition in sorted(self.assigned):
+            tp = TopicPartition(self.topic, partition)
+            try:
+                _, high = self.consumer.get_watermark_offsets(tp, cached=True)
+                stored = self.stored_next.get(partition)
+                if stored is None:
+                    stored = self.consumer.position([tp])[0].offset
+            except KafkaException:
+                continue
+            if high >= 0 and stored >= 0:
+                lag[partition] = max(0, high - stored)
+        self.metrics.observe_lag(lag)
 
     def _add(self, result: BatchResult) -> None:
         t = self.totals
@@ -491,6 +605,20 @@ class KioskConsumer:
         for reason, count in sorted(t.rejected.items(), key=lambda kv: (-kv[1], kv[0])):
             lines.append(f"    rejected {reason:24} {count}")
         return lines
+
+
+def alerting_of(settings: Settings, metrics: Metrics
+                ) -> tuple[alerts.Alerting, alerts.AlertSender | None]:
+    """What store_batch does with fresh emergencies, and the sender when a webhook is set."""
+    url = settings.alert_webhook_url
+    alerting = alerts.Alerting(timedelta(minutes=settings.alert_max_age_minutes),
+                               outbox=url is not None)
+    if url is None:
+        return alerting, None
+    timing = alerts.SenderTiming(request_timeout=settings.alert_timeout_seconds,
+                                 max_backoff=settings.alert_retry_max_seconds,
+                                 first_backoff=min(0.5, settings.alert_retry_max_seconds))
+    return alerting, alerts.AlertSender(settings.database, url, timing, metrics)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -516,9 +644,33 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Kafka session timeout; a group join takes about half of it "
                              "(default: 6000)")
     parser.add_argument("--metrics-port", type=int, default=None,
-                        help="serve Prometheus metrics on 127.0.0.1:PORT")
+                        help="serve Prometheus metrics on HOST:PORT (see --metrics-host)")
+    parser.add_argument("--metrics-host", default="127.0.0.1",
+                        help="address the metrics server listens on (default: 127.0.0.1; "
+                             "0.0.0.0 for a Prometheus on another machine)")
+    parser.add_argument("--alert-webhook", default=None, metavar="URL",
+                        help="POST fresh emergency calls to this webhook (default: "
+                             "$ALERT_WEBHOOK_URL; prefer the setting: a URL on the command line "
+                             "is visible to every user of the machine)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details (DEBUG)")
     return parser
+
+
+OUTBOX_EXISTS = "SELECT to_regclass('alert_outbox') IS NOT NULL"
+
+
+def ensure_outbox(conn, local_db: bool) -> None:
+    """Alerts need the alert_outbox table: created in the local database, asked for elsewhere."""
+    with load.transaction(conn) as cur:
+        cur.execute(OUTBOX_EXISTS)
+        present = cur.fetchone()[0]
+    if present:
+        return
+    if not local_db:
+        raise FatalError("alerts need the alert_outbox table: apply schema.sql again (it only "
+                         "adds what is missing) and then roles.sql")
+    log.info("adding the alert outbox to the local database from %s", SCHEMA_FILE.name)
+    load.apply_schema(conn, SCHEMA_FILE.read_text())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -531,12 +683,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.batch_size <= 0:
             raise SettingsError(f"--batch-size must be positive, got {args.batch_size}")
         env, secrets = read_protected_environment()
+        if args.alert_webhook:
+            env["ALERT_WEBHOOK_URL"] = args.alert_webhook
+            secrets.append(args.alert_webhook)
+            protect_secrets([args.alert_webhook])
         settings = load_settings(env)
         local_db = settings.database is None
         settings = localstack.resolve(settings, ("postgres", "kafka"))
         conn = load.connect(settings.database)
         try:
             load.ensure_schema(conn, SCHEMA_FILE if local_db else None)
+            if settings.alert_webhook_url:
+                ensure_outbox(conn, local_db)
         finally:
             conn.close()
         rules = transform.Rules(opening=settings.opening_time, closing=settings.closing_time)
@@ -544,7 +702,8 @@ def main(argv: list[str] | None = None) -> int:
                                   max_messages=args.max_messages, batch_size=args.batch_size,
                                   session_timeout_ms=args.session_timeout_ms,
                                   stop_at_end=args.stop_at_end)
-        worker = KioskConsumer(settings, options, Metrics(args.metrics_port), rules)
+        worker = KioskConsumer(settings, options,
+                               Metrics(args.metrics_port, args.metrics_host, rules), rules)
         signal.signal(signal.SIGINT, worker.request_stop)
         signal.signal(signal.SIGTERM, worker.request_stop)
         log.info("consuming %s as group %s from %s", worker.topic, args.group,

@@ -15,10 +15,11 @@
 --
 --   lmnh_loader   LOGIN. What pipeline.py, consumer.py and replay.py need, nothing more: read
 --                 the master data, upsert exhibitions with their department and floor, write
---                 events, rejections, provenance, load records and Kafka offsets, delete the rows
---                 of an S3 object whose content changed, and re-word a replayed rejection. It owns
---                 nothing, so it cannot DROP, ALTER or TRUNCATE a table, and it cannot CREATE
---                 anything in the schema. Set DB_USER / DB_PASS to it in the loaders' .env.
+--                 events, rejections, provenance, load records, Kafka offsets and alerts (marked
+--                 sent by the consumer's sender), delete the rows of an S3 object whose content
+--                 changed, and re-word a replayed rejection. It owns nothing, so it cannot DROP,
+--                 ALTER or TRUNCATE a table, and it cannot CREATE anything in the schema. Set
+--                 DB_USER / DB_PASS to it in the loaders' .env.
 --   lmnh_analyst  LOGIN, read-only: SELECT on every table and view (analysis.ipynb, BI tools),
 --                 with transactions read-only by default. Give people their own logins with
 --                 `GRANT lmnh_analyst TO alice;` rather than sharing this one.
@@ -101,6 +102,9 @@ BEGIN
     -- its row with the reason and detail of the rule that fails now. Only those two columns:
     -- where, what and when an event was (source, locator, payload, rejected_at) stay as stored.
     EXECUTE format('GRANT UPDATE (reason, detail) ON %1$I.rejected_event TO lmnh_loader', s);
+    -- The alert outbox: consumer.py adds alerts with its events and its sender marks them
+    -- sent (UPDATE of sent_at); nothing deletes them.
+    EXECUTE format('GRANT SELECT, INSERT, UPDATE ON %1$I.alert_outbox TO lmnh_loader', s);
     -- Identity columns draw from their sequences without a grant; this is for any serial
     -- column a future schema might add.
     EXECUTE format('GRANT USAGE ON ALL SEQUENCES IN SCHEMA %I TO lmnh_loader', s);

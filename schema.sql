@@ -244,6 +244,26 @@ BEGIN
     END LOOP;
 END $$;
 
+-- ---------------------------------------------------------------- alerts (SPEC §4.1)
+-- The outbox of emergency alerts: consumer.py writes a row in the same transaction as the
+-- emergency call it stores, and its sender thread POSTs it to the webhook, then sets sent_at.
+-- Keyed by provenance like the events, with no identity column, so a replayed batch adds
+-- nothing (ON CONFLICT DO NOTHING) and burns no key value. `id` is what the receiver sees
+-- (kafka://topic/partition:offset). Sent rows stay as the record of what was alerted and when.
+CREATE TABLE IF NOT EXISTS alert_outbox (
+    source_id  INT NOT NULL REFERENCES event_source (source_id),
+    position   BIGINT NOT NULL CHECK (position >= 0),
+    id         TEXT NOT NULL,
+    event_at   TIMESTAMPTZ NOT NULL,
+    payload    JSONB NOT NULL,
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    sent_at    TIMESTAMPTZ,
+    PRIMARY KEY (source_id, position)
+);
+-- The sender's queue: pending alerts in the order they were stored.
+CREATE INDEX IF NOT EXISTS alert_outbox_pending_idx ON alert_outbox (created_at, event_at)
+    WHERE sent_at IS NULL;
+
 -- ---------------------------------------------------------------- seed master data
 INSERT INTO department (department_name)
 VALUES ('Entomology'), ('Geology'), ('Paleontology'), ('Zoology'), ('Ecology')

@@ -90,6 +90,10 @@ class Settings:
     bucket: str = DEFAULT_BUCKET
     opening_time: time = time(8, 45)
     closing_time: time = time(18, 15)
+    alert_webhook_url: str | None = field(default=None, repr=False)  # a secret (Slack: token in path)
+    alert_max_age_minutes: int = 15
+    alert_timeout_seconds: float = 5.0      # per POST to the webhook
+    alert_retry_max_seconds: float = 30.0   # longest backoff between attempts
 
     def with_services(self, **services) -> Settings:
         return replace(self, **services)
@@ -203,6 +207,38 @@ def _kafka(env: Mapping[str, str]) -> KafkaSettings | None:
                          password=env.get("PASSWORD"))
 
 
+def _webhook(env: Mapping[str, str]) -> str | None:
+    """ALERT_WEBHOOK_URL; never echoed in an error, as its path may hold a token."""
+    url = _get(env, "ALERT_WEBHOOK_URL")
+    if url is not None and not url.lower().startswith(("http://", "https://")):
+        raise SettingsError("ALERT_WEBHOOK_URL must start with http:// or https:// "
+                            "(value not shown: it may hold a token)")
+    return url
+
+
+def _minutes(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or int(raw) <= 0:
+        raise SettingsError(f"{name} must be a whole number of minutes above 0, got {raw!r}")
+    return int(raw)
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 3600:
+        raise SettingsError(f"{name} must be a number of seconds above 0 and at most 3600, "
+                            f"got {raw!r}")
+    return value
+
+
 def load_settings(env: Mapping[str, str]) -> Settings:
     """Build Settings from a mapping of names to values, raising SettingsError on the first bad one."""
     topic = _get(env, "TOPIC") or DEFAULT_TOPIC
@@ -212,10 +248,15 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     if closing <= opening:
         raise SettingsError(f"CLOSING_TIME ({closing}) must be after OPENING_TIME ({opening})")
     return Settings(database=_database(env), s3=_s3(env), kafka=_kafka(env), topic=topic,
-                    bucket=bucket, opening_time=opening, closing_time=closing)
+                    bucket=bucket, opening_time=opening, closing_time=closing,
+                    alert_webhook_url=_webhook(env),
+                    alert_max_age_minutes=_minutes(env, "ALERT_MAX_AGE_MINUTES", 15),
+                    alert_timeout_seconds=_seconds(env, "ALERT_TIMEOUT_SECONDS", 5.0),
+                    alert_retry_max_seconds=_seconds(env, "ALERT_RETRY_MAX_SECONDS", 30.0))
 
 
-SECRET_KEYS = ("DB_PASS", "AWS_SECRET_ACCESS_KEY", "AWS_SECRET_KEY", "PASSWORD")
+SECRET_KEYS = ("DB_PASS", "AWS_SECRET_ACCESS_KEY", "AWS_SECRET_KEY", "PASSWORD",
+               "ALERT_WEBHOOK_URL")
 
 
 def environment_secrets(env: Mapping[str, str]) -> list[str]:
