@@ -46,6 +46,7 @@ test: install
 
 lint: install
 	$(PY) -m ruff check .
+	bash ops/check.sh
 
 # the analysis notebook, executed on the configured database (.env, or the local one), as one
 # self-contained HTML page with its charts embedded
