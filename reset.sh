@@ -35,7 +35,7 @@ SET client_min_messages = warning;
 BEGIN;
 DROP VIEW IF EXISTS exhibition_info, request_info, rating_info CASCADE;
 DROP TABLE IF EXISTS rating_interaction, request_interaction, rejected_event, s3_object_load,
-    kafka_offset, event_source, exhibition, department, floor, rating, request CASCADE;
+    kafka_offset, alert_outbox, event_source, exhibition, department, floor, rating, request CASCADE;
 COMMIT;
 SQL
 "$PSQL" -X -q -v ON_ERROR_STOP=1 -1 -f "$schema"

@@ -22,9 +22,11 @@ from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from zoneinfo import ZoneInfo
 
+import psycopg2.errors
 import pytest
 import test_consumer
 from test_consumer import group_name, log_text, produce, wait_for
+from test_security import apply_roles, connect_as, refused
 
 from helpers import rows, run_consumer_in_process, scalar
 from settings import SettingsError, environment_secrets, load_settings
@@ -286,3 +288,33 @@ def test_the_scrape_shows_lag_and_the_newest_event_per_site(
     assert metrics['lmnh_events_stored_total{kind="rating"}'] == 300
     assert metrics["lmnh_alerts_sent_total"] == 0 and metrics["lmnh_alerts_pending"] == 0
     assert metrics["lmnh_museum_open"] == 1  # the opening hours are the whole day here
+
+
+# --------------------------------------------------------------------------- roles
+def test_the_loader_role_queues_and_marks_alerts_but_cannot_delete_them(
+        db, kafka_settings, topic, alert_env, receiver, monkeypatch):
+    assert apply_roles(db.port, db.name).returncode == 0
+    monkeypatch.setenv("DB_USER", "lmnh_loader")
+    placed = produce(kafka_settings, topic, live_stream([2], datetime.now(UTC)))
+    # stopping at the end gives the sender its last round: the alert goes before the exit
+    assert run_consumer_in_process("--topic", topic, "--group", group_name(), "--stop-at-end") == 0
+    assert [a["id"] for a in receiver.alerts()] == [f"kafka://{topic}/0:{o}"
+                                                    for o in emergency_offsets(placed)]
+    loader = connect_as(db, "lmnh_loader")
+    try:
+        assert refused(loader, "SELECT count(*) FROM alert_outbox WHERE sent_at IS NULL") is None
+        assert refused(loader, "DELETE FROM alert_outbox") is psycopg2.errors.InsufficientPrivilege
+        assert refused(loader, "TRUNCATE alert_outbox") is psycopg2.errors.InsufficientPrivilege
+    finally:
+        loader.close()
+
+
+def test_a_database_without_the_outbox_is_one_line_not_a_traceback(
+        topic, alert_env, conn, caplog):
+    with conn.cursor() as cur:
+        cur.execute("DROP TABLE alert_outbox")
+    conn.commit()
+    assert run_consumer_in_process("--topic", topic, "--group", group_name(), "--stop-at-end") == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == ["consumer stopped: alerts need the alert_outbox table: apply schema.sql "
+                      "again (it only adds what is missing) and then roles.sql"]
