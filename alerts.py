@@ -57,6 +57,7 @@ class Alerting:
 
 NO_ALERTS = Alerting()  # no webhook: fresh calls are logged, none is queued
 
+
 @dataclass
 class Emergencies:
     """The emergency calls of one batch: fresh ones (alerted) and how many were too old."""
