@@ -6,7 +6,11 @@ free loopback port, outlives the command that started it, and is shared by every
 project through `.local/stack.json` (guarded by a file lock). `python3 localstack.py down` stops
 them all.
 
-    python3 localstack.py up|status|down
+The database asks for a password even here (SPEC §5): scram-sha-256, with the superuser's
+password generated on first start and kept in `.local/postgres-password`, readable only by its
+owner. Every project command reads it from there; nobody else on the machine gets in.
+
+    python3 localstack.py up|status|down|psql-env
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import importlib.util
 import json
 import logging
 import os
+import secrets
 import shlex
 import shutil
 import signal
@@ -35,6 +40,9 @@ from settings import (
     S3Settings,
     Settings,
     SettingsError,
+    environment_secrets,
+    read_environment,
+    redact,
 )
 
 log = logging.getLogger("localstack")
@@ -43,6 +51,10 @@ STATE_DIR = PROJECT_DIR / ".local"
 SERVICES = ("postgres", "s3", "kafka")
 PG_SYSTEM_USER = "lmnh_pg"
 LOCAL_S3_KEY = "local"  # moto accepts any credentials; these are not secrets
+PASSWORD_FILE = "postgres-password"
+SCRAM_HBA = ("# Written by localstack.py: every login needs a password (scram-sha-256), even on\n"
+             "# this machine, so another user of it cannot walk in as superuser.\n"
+             "host all all 127.0.0.1/32 scram-sha-256\n")
 
 
 class LocalStackError(RuntimeError):
@@ -168,30 +180,69 @@ def _pg_ctl(args: list[str], data: Path, user: str | None, **kwargs) -> subproce
                           capture_output=True, text=True, **kwargs)
 
 
+def password_file(state_dir: Path) -> Path:
+    """Where the local superuser's password is kept (owner-only, 0600)."""
+    return state_dir / PASSWORD_FILE
+
+
+def read_password(path: Path) -> str:
+    return path.read_text().strip()
+
+
+def _write_password(path: Path, password: str) -> None:
+    """Write the password owner-only (0600) from the first byte, then rename it into place, so
+    no reader ever sees a half-written or group-readable file."""
+    partial = path.with_name(path.name + ".new")
+    partial.unlink(missing_ok=True)
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        os.fchmod(out.fileno(), 0o600)
+        out.write(password + "\n")
+    os.replace(partial, path)
+
+
+def _init_cluster(home: Path, data: Path, user: str | None, password: str) -> None:
+    """initdb with scram logins and the superuser's password (read from a file the server's
+    user owns, removed straight after: never on a command line)."""
+    if data.exists():
+        shutil.rmtree(data)
+    data.mkdir(parents=True, mode=0o700)
+    pwfile = home / "initdb-password"
+    _write_password(pwfile, password)
+    try:
+        if user:
+            _let_user_reach(home, user)
+        result = subprocess.run([str(_pg_bin() / "initdb"), "-D", str(data), "-U", "postgres",
+                                 "--auth=scram-sha-256", f"--pwfile={pwfile}",
+                                 "--encoding=UTF8", "--locale=C.UTF-8"],
+                                **_as_user(user), capture_output=True, text=True, cwd=home)
+    finally:
+        pwfile.unlink(missing_ok=True)
+    if result.returncode != 0:
+        raise LocalStackError(f"initdb failed in {data}: {result.stderr.strip()}")
+
+
 def _start_postgres(state_dir: Path, previous: dict) -> dict:
     home = state_dir / "postgres"
     data = home / "data"
     logfile = home / "postgres.log"
     user = _pg_user()
+    secret = password_file(state_dir)
     if not (data / "PG_VERSION").exists():
-        if data.exists():
-            shutil.rmtree(data)
-        data.mkdir(parents=True, mode=0o700)
-        if user:
-            _let_user_reach(home, user)
-        result = subprocess.run([str(_pg_bin() / "initdb"), "-D", str(data), "-U", "postgres",
-                                 "--auth=trust", "--encoding=UTF8", "--locale=C.UTF-8"],
-                                **_as_user(user), capture_output=True, text=True, cwd=home)
-        if result.returncode != 0:
-            raise LocalStackError(f"initdb failed in {data}: {result.stderr.strip()}")
+        if not secret.exists():
+            _write_password(secret, secrets.token_urlsafe(32))
+        home.mkdir(parents=True, exist_ok=True)
+        _init_cluster(home, data, user, read_password(secret))
     port = previous.get("port")
     if not port or port_open(port):
         port = free_port()
     # Local development server: durability against power loss is not needed, speed is.
     conf = (f"listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = ''\n"
             "fsync = off\nfull_page_writes = off\nmax_connections = 200\n"
-            "shared_buffers = 256MB\nmax_wal_size = 2GB\n")
+            "shared_buffers = 256MB\nmax_wal_size = 2GB\npassword_encryption = 'scram-sha-256'\n")
     (data / "postgresql.auto.conf").write_text(conf)
+    if secret.exists():  # (an older .local/ without one still trusts logins: secured below)
+        (data / "pg_hba.conf").write_text(SCRAM_HBA)
     if user:
         _let_user_reach(home, user)
     result = _pg_ctl(["-l", str(logfile), "-w", "-t", "60", "start"], data, user)
@@ -199,14 +250,57 @@ def _start_postgres(state_dir: Path, previous: dict) -> dict:
         raise LocalStackError(f"local PostgreSQL did not start: {result.stderr.strip()}; "
                               f"see {logfile}")
     pid = int((data / "postmaster.pid").read_text().split()[0])
-    _create_database(port, DEFAULT_DB_NAME)
-    return {"pid": pid, "port": port, "data": str(data), "log": str(logfile)}
+    info = {"pid": pid, "port": port, "data": str(data), "log": str(logfile)}
+    info = _ensure_password(state_dir, info)
+    _create_database(database_settings(info, "postgres"), DEFAULT_DB_NAME)
+    return info
 
 
-def _create_database(port: int, name: str) -> None:
+def _ensure_password(state_dir: Path, info: dict) -> dict:
+    """A server from an older `.local/` trusts every login and has no password file: give the
+    superuser a new password (sent as a SCRAM verifier, so not even the statement log sees it),
+    keep it in the file, then switch pg_hba.conf to scram and reload. In that order, an
+    interruption anywhere leaves either trust (redone next time) or a working password."""
+    secret = password_file(state_dir)
+    if not secret.exists():
+        import psycopg2
+        from psycopg2.extensions import encrypt_password
+        password = secrets.token_urlsafe(32)
+        conn = psycopg2.connect(host="127.0.0.1", port=info["port"], user="postgres",
+                                dbname="postgres", connect_timeout=10)
+        conn.autocommit = True
+        try:
+            with conn.cursor() as cur:
+                verifier = encrypt_password(password, "postgres", conn, "scram-sha-256")
+                cur.execute("ALTER ROLE postgres PASSWORD %s", (verifier,))
+                _write_password(secret, password)
+                (Path(info["data"]) / "pg_hba.conf").write_text(SCRAM_HBA)
+                _reload_and_wait(cur)
+        finally:
+            conn.close()
+        log.info("local PostgreSQL now asks for a password (kept in %s)", secret)
+    return {**info, "password_file": str(secret)}
+
+
+def _reload_and_wait(cur) -> None:
+    """pg_reload_conf() only signals the postmaster, which rereads its files and then signals
+    the backends: once this session sees the new load time, the next login meets scram."""
+    cur.execute("SELECT pg_conf_load_time()")
+    before = cur.fetchone()[0]
+    cur.execute("SELECT pg_reload_conf()")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        cur.execute("SELECT pg_conf_load_time()")
+        if cur.fetchone()[0] > before:
+            return
+        time.sleep(0.05)
+    raise LocalStackError("local PostgreSQL did not reload pg_hba.conf within 10 s")
+
+
+def _create_database(admin: DatabaseSettings, name: str) -> None:
     import psycopg2
     from psycopg2 import sql
-    conn = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres")
+    conn = psycopg2.connect(**admin.connect_kwargs())
     conn.autocommit = True
     try:
         with conn.cursor() as cur:
@@ -294,6 +388,8 @@ def up(services: tuple[str, ...] = SERVICES, state_dir: Path | None = None) -> d
         for name in services:
             info = state.get(name, {})
             if info and _CHECKS[name](info):
+                if name == "postgres":  # perhaps started by an older version, trusting all
+                    state[name] = _ensure_password(state_dir, info)
                 continue
             if name == "postgres" and info:
                 _stop_postgres(info)  # a stale postmaster.pid from a killed server
@@ -327,7 +423,10 @@ def down(state_dir: Path | None = None) -> list[str]:
 
 
 def database_settings(info: dict, name: str = DEFAULT_DB_NAME) -> DatabaseSettings:
-    return DatabaseSettings(host="127.0.0.1", port=info["port"], name=name, user="postgres")
+    """The local superuser's settings, password read from the stack's owner-only file."""
+    password = read_password(Path(info["password_file"])) if info.get("password_file") else ""
+    return DatabaseSettings(host="127.0.0.1", port=info["port"], name=name, user="postgres",
+                            password=password)
 
 
 def s3_settings(info: dict) -> S3Settings:
@@ -360,7 +459,7 @@ def resolve(settings: Settings, needs: tuple[str, ...], state_dir: Path | None =
 
 def psql_exports() -> str:
     """`export PG...` lines for psql: the database of `.env`, or the local one (started)."""
-    from settings import load_settings, read_environment
+    from settings import load_settings
     settings = load_settings(read_environment())
     local = settings.database is None
     if local:
@@ -380,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
                              "psql-env: shell exports for psql (used by connect.sh, reset.sh)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    secrets_known = environment_secrets(read_environment())  # before any setting is checked
     try:
         if args.command == "up":
             for name, info in up().items():
@@ -398,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
             stopped = down()
             print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
     except (LocalStackError, SettingsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(str(exc), secrets_known)}", file=sys.stderr)
         return 1
     return 0
 

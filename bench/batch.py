@@ -213,8 +213,9 @@ class BatchBench:
         self.timeout = timeout
         state = localstack.up(("postgres", "s3"))
         self.pg_port = state["postgres"]["port"]
+        self.pg_password = localstack.database_settings(state["postgres"]).password
         self.s3 = localstack.s3_settings(state["s3"])
-        self.dbs = Databases(self.pg_port)
+        self.dbs = Databases(self.pg_port, self.pg_password)
         self.bucket = new_name("bench").replace("_", "-")
         self.client = None
 
@@ -248,7 +249,8 @@ class BatchBench:
     def _worker(self, name: str, db: str) -> Measured:
         return measure([PYTHON, SCRIPT, "--worker", name, "--endpoint", self.s3.endpoint_url,
                         "--bucket", self.bucket, "--key", KEY, "--port", str(self.pg_port),
-                        "--db", db], env=child_env(), timeout=self.timeout)
+                        "--db", db], env=child_env(PGPASSWORD=self.pg_password),  # libpq reads it
+                       timeout=self.timeout)
 
     def limit(self) -> Measured:
         db = self.dbs.create("bench_limit", schema=False)
@@ -281,8 +283,8 @@ class BatchBench:
 
     def pipeline(self) -> Measured:
         db = self.dbs.create("bench_pipeline")
-        env = child_env(**db_env(self.pg_port, db), AWS_ENDPOINT_URL_S3=self.s3.endpoint_url,
-                        AWS_ACCESS_KEY=self.s3.access_key,
+        env = child_env(**db_env(self.pg_port, db, self.pg_password),
+                        AWS_ENDPOINT_URL_S3=self.s3.endpoint_url, AWS_ACCESS_KEY=self.s3.access_key,
                         AWS_SECRET_ACCESS_KEY=self.s3.secret_key, AWS_REGION=self.s3.region)
         try:
             run = measure([PYTHON, str(PROJECT_DIR / "pipeline.py"), "-b", self.bucket,

@@ -170,8 +170,9 @@ def child_env(**settings: str | int) -> dict[str, str]:
     return env
 
 
-def db_env(port: int, name: str) -> dict[str, str]:
-    return {"DB_HOST": "127.0.0.1", "DB_PORT": str(port), "DB_NAME": name, "DB_USER": "postgres"}
+def db_env(port: int, name: str, password: str) -> dict[str, str]:
+    return {"DB_HOST": "127.0.0.1", "DB_PORT": str(port), "DB_NAME": name, "DB_USER": "postgres",
+            "DB_PASS": password}
 
 
 def new_name(prefix: str) -> str:
@@ -184,13 +185,14 @@ class Databases:
     """Fresh databases on the local server: each a clone of a template with schema.sql."""
 
     port: int
+    password: str = field(default="", repr=False)   # the local superuser's (SPEC §5)
     made: list[str] = field(default_factory=list)
     template: str | None = None
 
     def _admin(self):
         import psycopg2
         conn = psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres",
-                                dbname="postgres", connect_timeout=10)
+                                password=self.password, dbname="postgres", connect_timeout=10)
         conn.autocommit = True
         return conn
 
@@ -210,7 +212,7 @@ class Databases:
             import load
             from settings import DatabaseSettings
             conn = load.connect(DatabaseSettings("127.0.0.1", self.port, self.template,
-                                                 "postgres"))
+                                                 "postgres", self.password))
             try:
                 load.apply_schema(conn, (PROJECT_DIR / "schema.sql").read_text())
             finally:
@@ -227,7 +229,7 @@ class Databases:
     def connect(self, name: str):
         import psycopg2
         conn = psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres", dbname=name,
-                                connect_timeout=10)
+                                password=self.password, connect_timeout=10)
         conn.autocommit = True
         return conn
 

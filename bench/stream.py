@@ -119,8 +119,9 @@ class StreamBench:
         import localstack
         state = localstack.up(("postgres", "kafka"))
         self.pg_port = state["postgres"]["port"]
+        self.pg_password = localstack.database_settings(state["postgres"]).password
         self.kafka = localstack.kafka_settings(state["kafka"])
-        self.dbs = Databases(self.pg_port)
+        self.dbs = Databases(self.pg_port, self.pg_password)
         self.timeout = timeout
 
     def new_topic(self) -> str:
@@ -143,7 +144,8 @@ class StreamBench:
               flush=True)
 
     def consumer_env(self, db: str) -> dict[str, str]:
-        return child_env(**db_env(self.pg_port, db), BOOTSTRAP_SERVERS=self.kafka.bootstrap_servers)
+        return child_env(**db_env(self.pg_port, db, self.pg_password),
+                         BOOTSTRAP_SERVERS=self.kafka.bootstrap_servers)
 
     def _check(self, what: str, db: str, topic: str, expected: int) -> tuple[int, int]:
         stored, rejected = self.dbs.event_counts(db)

@@ -48,8 +48,12 @@ def stack():
         localstack.down()
 
 
-def admin_connection(port: int):
-    conn = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres")
+def admin_connection(where: dict | int):
+    """The local superuser on a local stack's server (its state, or the project stack's port),
+    with the password from the stack's owner-only file: no local login goes without one."""
+    info = where if isinstance(where, dict) else {
+        "port": where, "password_file": str(localstack.password_file(localstack.STATE_DIR))}
+    conn = psycopg2.connect(**localstack.database_settings(info, "postgres").connect_kwargs())
     conn.autocommit = True
     return conn
 
@@ -57,8 +61,7 @@ def admin_connection(port: int):
 @pytest.fixture(scope="session")
 def template_db(stack):
     """A database with schema.sql applied, cloned for each test that needs a database."""
-    port = stack["postgres"]["port"]
-    conn = admin_connection(port)
+    conn = admin_connection(stack["postgres"])
     with conn.cursor() as cur:
         cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
                     .format(sql.Identifier(TEMPLATE_DB)))
@@ -69,7 +72,7 @@ def template_db(stack):
     load.apply_schema(target, (PROJECT / "schema.sql").read_text())
     target.close()
     yield db
-    conn = admin_connection(port)
+    conn = admin_connection(stack["postgres"])
     with conn.cursor() as cur:
         cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
                     .format(sql.Identifier(TEMPLATE_DB)))
@@ -80,8 +83,7 @@ def template_db(stack):
 def db(template_db, stack) -> DatabaseSettings:
     """A fresh database with the schema and master data, dropped after the test."""
     name = f"t_{uuid.uuid4().hex[:10]}"
-    port = stack["postgres"]["port"]
-    conn = admin_connection(port)
+    conn = admin_connection(stack["postgres"])
     with conn.cursor() as cur:
         cur.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
             sql.Identifier(name), sql.Identifier(TEMPLATE_DB)))
@@ -160,7 +162,8 @@ def settings(db, s3_settings, kafka_settings) -> Settings:
 def service_env(monkeypatch, db, s3_settings, kafka_settings):
     """Point the entry points (main(argv)) at this test's database, S3 and Kafka."""
     values = {"DB_HOST": db.host, "DB_PORT": str(db.port), "DB_NAME": db.name,
-              "DB_USER": db.user, "AWS_ENDPOINT_URL_S3": s3_settings.endpoint_url,
+              "DB_USER": db.user, "DB_PASS": db.password,
+              "AWS_ENDPOINT_URL_S3": s3_settings.endpoint_url,
               "AWS_ACCESS_KEY": s3_settings.access_key,
               "AWS_SECRET_ACCESS_KEY": s3_settings.secret_key,
               "BOOTSTRAP_SERVERS": kafka_settings.bootstrap_servers}

@@ -25,7 +25,6 @@ from decimal import Decimal
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-import psycopg2
 import pytest
 from confluent_kafka import Producer
 from psycopg2 import sql
@@ -35,7 +34,7 @@ import load
 import localstack
 import sample_data
 import transform
-from conftest import create_topic
+from conftest import admin_connection, create_topic
 from helpers import reason_counts, rows, run_consumer_in_process, scalar, table_counts
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -589,7 +588,8 @@ def test_a_frozen_consumer_that_wakes_after_losing_its_partitions_stores_nothing
 # --------------------------------------------------------------------------- 5. PostgreSQL restart
 def private_env(db, kafka) -> dict[str, str]:
     return {**os.environ, "DB_HOST": db.host, "DB_PORT": str(db.port), "DB_NAME": db.name,
-            "DB_USER": db.user, "BOOTSTRAP_SERVERS": kafka.bootstrap_servers}
+            "DB_USER": db.user, "DB_PASS": db.password,
+            "BOOTSTRAP_SERVERS": kafka.bootstrap_servers}
 
 
 @pytest.mark.slow
@@ -776,9 +776,7 @@ def test_bad_setting_exits_2_with_one_line_naming_it(settings, argv, named):
 def empty_database(stack):
     """A database with no schema at all (not the local default one)."""
     name = f"t_empty_{os.urandom(5).hex()}"
-    admin = psycopg2.connect(host="127.0.0.1", port=stack["postgres"]["port"], user="postgres",
-                             dbname="postgres")
-    admin.autocommit = True
+    admin = admin_connection(stack["postgres"])
     with admin.cursor() as cur:
         cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     yield name
@@ -792,7 +790,8 @@ def test_what_waiting_cannot_fix_exits_1_with_one_line(case, stack, kafka_settin
                                                        empty_database):
     name = f"{empty_database}_missing" if case == "no-such-database" else empty_database
     env = {**os.environ, "DB_HOST": "127.0.0.1", "DB_PORT": str(stack["postgres"]["port"]),
-           "DB_USER": "postgres", "DB_NAME": name,
+           "DB_USER": "postgres", "DB_PASS": localstack.database_settings(stack["postgres"]).password,
+           "DB_NAME": name,
            "BOOTSTRAP_SERVERS": kafka_settings.bootstrap_servers}
     result = subprocess.run([sys.executable, "consumer.py", "--topic", "lmnh-unused"],
                             cwd=PROJECT, env=env, capture_output=True, text=True, timeout=60)
@@ -802,8 +801,7 @@ def test_what_waiting_cannot_fix_exits_1_with_one_line(case, stack, kafka_settin
     assert "Traceback" not in result.stderr
     assert (name in errors[0]) if case == "no-such-database" else ("reset.sh" in errors[0])
     if case == "no-schema":  # a database it was not told to own is left untouched
-        conn = psycopg2.connect(host="127.0.0.1", port=stack["postgres"]["port"],
-                                user="postgres", dbname=name)
+        conn = load.connect(localstack.database_settings(stack["postgres"], name))
         assert scalar(conn, "SELECT count(*) FROM information_schema.tables "
                             "WHERE table_schema = 'public'") == 0
         conn.close()

@@ -47,7 +47,8 @@ def run(*argv: str) -> int:
 
 def subprocess_env(db, s3_settings, **extra: str) -> dict[str, str]:
     return {**os.environ, "DB_HOST": db.host, "DB_PORT": str(db.port), "DB_NAME": db.name,
-            "DB_USER": db.user, "AWS_ENDPOINT_URL_S3": s3_settings.endpoint_url,
+            "DB_USER": db.user, "DB_PASS": db.password,
+            "AWS_ENDPOINT_URL_S3": s3_settings.endpoint_url,
             "AWS_ACCESS_KEY": s3_settings.access_key,
             "AWS_SECRET_ACCESS_KEY": s3_settings.secret_key, **extra}
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +11,7 @@ from pathlib import Path
 import psycopg2
 
 import localstack
+from settings import Settings
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -16,8 +19,7 @@ PROJECT = Path(__file__).resolve().parent.parent
 def test_session_stack_answers_on_every_service(stack):
     status = localstack.status()
     assert all(status[name]["running"] for name in localstack.SERVICES)
-    conn = psycopg2.connect(host="127.0.0.1", port=stack["postgres"]["port"], user="postgres",
-                            dbname="museum")
+    conn = psycopg2.connect(**localstack.database_settings(stack["postgres"]).connect_kwargs())
     with conn.cursor() as cur:
         cur.execute("SHOW server_version_num")
         assert int(cur.fetchone()[0]) >= 160000
@@ -66,8 +68,97 @@ def test_private_stack_starts_outlives_its_starter_and_stops(tmp_path):
     # the database survives a restart
     restarted = localstack.up(("postgres",), state_dir=state)
     try:
-        conn = psycopg2.connect(host="127.0.0.1", port=restarted["postgres"]["port"],
-                                user="postgres", dbname="museum")
+        conn = psycopg2.connect(**localstack.database_settings(restarted["postgres"])
+                                .connect_kwargs())
         conn.close()
     finally:
         localstack.down(state)
+
+
+# --------------------------------------------------------------------------- passwords (SPEC §5)
+def _refused(port: int, tmp_path: Path, password: str | None) -> str | None:
+    """The error a login as the superuser gets without (or with a wrong) password; None if it
+    got in. No ~/.pgpass and no PGPASSWORD may help it."""
+    kwargs = {"host": "127.0.0.1", "port": port, "user": "postgres", "dbname": "postgres",
+              "passfile": str(tmp_path / "no-pgpass"), "connect_timeout": 10}
+    if password is not None:
+        kwargs["password"] = password
+    try:
+        psycopg2.connect(**kwargs).close()
+    except psycopg2.OperationalError as exc:
+        return str(exc)
+    return None
+
+
+def _assert_secured(info: dict, tmp_path: Path) -> None:
+    secret = Path(info["password_file"])
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    assert secret.stat().st_uid == os.geteuid()
+    assert "no password supplied" in (_refused(info["port"], tmp_path, None) or "got in")
+    assert "password authentication failed" in (
+        _refused(info["port"], tmp_path, "not-the-password") or "got in")
+    assert _refused(info["port"], tmp_path, secret.read_text().strip()) is None
+
+
+def test_the_local_database_wants_the_password_kept_in_an_owner_only_file(stack, tmp_path,
+                                                                          monkeypatch):
+    monkeypatch.delenv("PGPASSWORD", raising=False)
+    _assert_secured(stack["postgres"], tmp_path)
+    # every project command finds it through resolve() ...
+    settings = localstack.resolve(Settings(None, None, None), ("postgres",))
+    conn = psycopg2.connect(**settings.database.connect_kwargs())
+    conn.close()
+    # ... and connect.sh through psql-env (psql reads it from its environment)
+    result = subprocess.run(["bash", "connect.sh", "-X", "-A", "-t", "-c", "SELECT current_user"],
+                            cwd=PROJECT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "postgres"
+
+
+def _downgrade_to_an_older_local_folder(state: Path, info: dict) -> None:
+    """What an older version left: trust on TCP, no superuser password, no password file."""
+    conn = psycopg2.connect(**localstack.database_settings(info, "postgres").connect_kwargs())
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("ALTER ROLE postgres PASSWORD NULL")
+        (Path(info["data"]) / "pg_hba.conf").write_text("host all all 127.0.0.1/32 trust\n")
+        localstack._reload_and_wait(cur)
+    conn.close()
+    localstack.password_file(state).unlink()
+    stack_json = state / "stack.json"
+    recorded = json.loads(stack_json.read_text())
+    recorded["postgres"].pop("password_file")
+    stack_json.write_text(json.dumps(recorded))
+
+
+def test_an_older_trusting_local_folder_gets_a_password_running_or_stopped(tmp_path,
+                                                                          monkeypatch):
+    monkeypatch.delenv("PGPASSWORD", raising=False)
+    state = tmp_path / "stack"
+    info = localstack.up(("postgres",), state_dir=state)["postgres"]
+    try:
+        _downgrade_to_an_older_local_folder(state, info)
+        assert _refused(info["port"], tmp_path, None) is None   # anyone gets in, as before
+        again = localstack.up(("postgres",), state_dir=state)["postgres"]   # still running
+        assert again["pid"] == info["pid"]
+        _assert_secured(again, tmp_path)
+
+        _downgrade_to_an_older_local_folder(state, again)
+        localstack.down(state)
+        restarted = localstack.up(("postgres",), state_dir=state)["postgres"]
+        _assert_secured(restarted, tmp_path)
+        conn = psycopg2.connect(**localstack.database_settings(restarted).connect_kwargs())
+        conn.close()
+    finally:
+        localstack.down(state)
+
+
+def test_psql_env_redacts_a_secret_pasted_into_the_wrong_setting(tmp_path):
+    secret = "dbpass-Lk5S3cr3tPE"
+    env = {**os.environ, "DB_HOST": "127.0.0.1", "DB_USER": "u", "DB_PASS": secret,
+           "DB_PORT": secret}
+    result = subprocess.run([sys.executable, "localstack.py", "psql-env"], cwd=PROJECT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: DB_PORT must be a port number"), result.stderr
+    assert secret not in result.stdout + result.stderr

@@ -7,8 +7,9 @@ that anyone at a kiosk — or anyone who can write to the topic — controls. A 
 file, a traceback in a cron mail, a payload executed as SQL, a loader that can DROP a table, or
 a reset that wipes RDS because `.env` pointed there are each an incident. Every entry point is
 run for real, as a subprocess, with distinctive secret values in DB_PASS, AWS_SECRET_ACCESS_KEY
-and PASSWORD; a private PostgreSQL that enforces scram passwords stands in for RDS where a
-wrong password must be refused (the shared local server trusts every login).
+and PASSWORD (DB_PASS is the local server's real password: it refuses logins without one); a
+private PostgreSQL where lmnh_loader has a password stands in for RDS where a wrong password
+must be refused.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import json
 import os
 import pty
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -31,6 +33,7 @@ import psycopg2.errors
 import pytest
 from confluent_kafka import Producer
 from psycopg2 import sql
+from psycopg2.extensions import encrypt_password
 
 import load
 import localstack
@@ -46,6 +49,8 @@ AWS_SECRET = "awskey-Zk9S3cr3tAWS"
 KAFKA_SECRET = "kafkapw-Hn4S3cr3tKF"
 LOADER_SECRET = "loaderpw-Tm2S3cr3tLD"     # lmnh_loader's real password on the scram server
 WRONG_SECRET = "wrongpw-Pv8S3cr3tXX"       # a wrong one, which must not leak either
+# lmnh_loader's and lmnh_analyst's on the shared local server: random, so known to this run only
+ROLE_SECRET = f"rolepw-{secrets.token_urlsafe(18)}"
 SECRETS = (DB_SECRET, AWS_SECRET, KAFKA_SECRET, LOADER_SECRET, WRONG_SECRET)
 LOG_LINE = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2},\d{3} (DEBUG|INFO|WARNING|ERROR) ")
 
@@ -54,14 +59,27 @@ def psql() -> str:
     return str(localstack._pg_bin() / "psql")
 
 
-def apply_roles(port: int, dbname: str, *variables: str) -> subprocess.CompletedProcess:
-    """Run roles.sql as an administrator would: psql, stop on the first error, one transaction."""
-    argv = [psql(), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-1", "-h", "127.0.0.1", "-p", str(port),
-            "-U", "postgres", "-d", dbname]
-    for variable in variables:
-        argv += ["-v", variable]
-    return subprocess.run([*argv, "-f", str(PROJECT / "roles.sql")], capture_output=True,
-                          text=True, timeout=60)
+def apply_roles(db) -> subprocess.CompletedProcess:
+    """Run roles.sql as an administrator would: psql, stop on the first error, one transaction;
+    the password in psql's environment, never on its command line."""
+    argv = [psql(), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-1", "-h", db.host, "-p", str(db.port),
+            "-U", db.user, "-d", db.name, "-f", str(PROJECT / "roles.sql")]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PGPASSWORD": db.password})
+
+
+def set_password(db, role: str, password: str) -> None:
+    """What psql's \\password does: hash on the client, send only the SCRAM verifier, so the
+    password itself is in no statement, log or process list."""
+    conn = load.connect(db)
+    conn.autocommit = True
+    try:
+        verifier = encrypt_password(password, role, conn, "scram-sha-256")
+        with conn.cursor() as cur:
+            cur.execute(sql.SQL("ALTER ROLE {} PASSWORD %s").format(sql.Identifier(role)),
+                        (verifier,))
+    finally:
+        conn.close()
 
 
 def produce(kafka, topic: str, payloads: list[bytes]) -> None:
@@ -90,22 +108,18 @@ def module_db(template_db, stack):
 
 @pytest.fixture(scope="module")
 def scram_postgres(tmp_path_factory):
-    """A private PostgreSQL that enforces passwords (scram-sha-256) for every role but the
-    administrator, with the schema and roles.sql applied and lmnh_loader's password set
-    through roles.sql's psql variable: what RDS looks like to the loaders."""
+    """A private PostgreSQL (scram-sha-256 for every login, like the local stack's), with the
+    schema and roles.sql applied and lmnh_loader's password set as a SCRAM verifier: what RDS
+    looks like to the loaders."""
     state_dir = tmp_path_factory.mktemp("scram") / "stack"
     info = localstack.up(("postgres",), state_dir=state_dir)["postgres"]
     db = localstack.database_settings(info)
     conn = load.connect(db)
     load.apply_schema(conn, (PROJECT / "schema.sql").read_text())
     conn.close()
-    applied = apply_roles(info["port"], db.name, f"loader_password={LOADER_SECRET}")
+    applied = apply_roles(db)
     assert applied.returncode == 0, applied.stderr
-    hba = Path(info["data"]) / "pg_hba.conf"
-    hba.write_text("host all postgres 127.0.0.1/32 trust\n"
-                   "host all all 127.0.0.1/32 scram-sha-256\n")
-    localstack.pg_control(info, "reload")
-    time.sleep(0.3)  # the postmaster rereads pg_hba.conf on SIGHUP
+    set_password(db, "lmnh_loader", LOADER_SECRET)
     yield info, db
     localstack.down(state_dir)
 
@@ -159,9 +173,10 @@ def scenarios(closed_port: int) -> dict[str, Scenario]:
                                                      "cannot connect to PostgreSQL", log_file=True),
         "pipeline_wrong_host": Scenario([py, "pipeline.py"], {"DB_HOST": "no-such-host.invalid"},
                                         1, "could not translate host name", one_error_line=True),
+        # (scram does not tell a stranger whether the role exists)
         "pipeline_wrong_user": Scenario([py, "pipeline.py"], {"DB_USER": "lmnh_no_such_role"}, 1,
-                                        'role "lmnh_no_such_role" does not exist',
-                                        one_error_line=True),
+                                        'password authentication failed for user '
+                                        '"lmnh_no_such_role"', one_error_line=True),
         "pipeline_wrong_database": Scenario([py, "pipeline.py"], {"DB_NAME": "lmnh_no_such_db"},
                                             1, 'database "lmnh_no_such_db" does not exist',
                                             one_error_line=True),
@@ -179,7 +194,8 @@ def scenarios(closed_port: int) -> dict[str, Scenario]:
         "pipeline_bad_setting": Scenario([py, "pipeline.py"], {"DB_PORT": "five"}, 2,
                                          "DB_PORT must be a port number", one_error_line=True),
         # a secret pasted into the wrong setting is echoed by its error message
-        "pipeline_secret_in_wrong_setting": Scenario([py, "pipeline.py"], {"DB_PORT": DB_SECRET}, 2,
+        "pipeline_secret_in_wrong_setting": Scenario([py, "pipeline.py"],
+                                                     {"DB_PORT": DB_SECRET, "DB_PASS": DB_SECRET}, 2,
                                                      "DB_PORT must be a port number",
                                                      one_error_line=True),
         # consumer.py
@@ -272,7 +288,7 @@ def results(module_db, scram_postgres, s3, s3_settings, kafka_settings, tmp_path
     produce(kafka_settings, topic, sample_data.generate_messages(6, seed=5))
     scram_info, scram_db = scram_postgres
     base = {**os.environ, "DB_HOST": module_db.host, "DB_PORT": str(module_db.port),
-            "DB_NAME": module_db.name, "DB_USER": module_db.user, "DB_PASS": DB_SECRET,
+            "DB_NAME": module_db.name, "DB_USER": module_db.user, "DB_PASS": module_db.password,
             "AWS_ENDPOINT_URL_S3": s3_settings.endpoint_url, "AWS_ACCESS_KEY": "local",
             "AWS_SECRET_ACCESS_KEY": AWS_SECRET, "BUCKET": bucket, "TOPIC": topic,
             "BOOTSTRAP_SERVERS": kafka_settings.bootstrap_servers, "USERNAME": "kiosk",
@@ -294,9 +310,9 @@ SCENARIOS = list(scenarios(1))
 
 
 @pytest.mark.parametrize("name", SCENARIOS)
-def test_no_secret_reaches_stdout_stderr_or_a_log_file(results, name):
+def test_no_secret_reaches_stdout_stderr_or_a_log_file(results, module_db, name):
     result = results[name]
-    leaked = [s for s in SECRETS if s in result.text]
+    leaked = [s for s in (*SECRETS, module_db.password) if s in result.text]
     assert not leaked, f"{name} leaked {leaked}:\n{result.text[-3000:]}"
 
 
@@ -498,8 +514,17 @@ def test_the_sql_check_catches_what_it_is_for(tmp_path):
 
 # --------------------------------------------------------------------------- least privilege
 def connect_as(db, user: str):
-    conn = psycopg2.connect(host=db.host, port=db.port, dbname=db.name, user=user)
+    conn = psycopg2.connect(host=db.host, port=db.port, dbname=db.name, user=user,
+                            password=ROLE_SECRET)
     return conn
+
+
+def apply_roles_with_passwords(db) -> None:
+    """roles.sql, then each role's password set the way roles.sql's header says."""
+    applied = apply_roles(db)
+    assert applied.returncode == 0, applied.stderr
+    for role in ("lmnh_loader", "lmnh_analyst"):
+        set_password(db, role, ROLE_SECRET)
 
 
 def refused(conn, statement: str) -> type[Exception] | None:
@@ -516,7 +541,7 @@ def refused(conn, statement: str) -> type[Exception] | None:
 
 def test_roles_sql_applies_again_and_again_to_a_fresh_database(db):
     for _ in range(2):
-        applied = apply_roles(db.port, db.name)
+        applied = apply_roles(db)
         assert applied.returncode == 0, applied.stderr
         assert applied.stderr == ""
     admin = load.connect(db)
@@ -533,8 +558,9 @@ def test_roles_sql_applies_again_and_again_to_a_fresh_database(db):
 
 def test_the_loader_role_runs_the_whole_pipeline_and_the_consumer(
         db, s3, bucket, kafka_settings, topic, service_env, monkeypatch, capsys):
-    assert apply_roles(db.port, db.name).returncode == 0
+    apply_roles_with_passwords(db)
     monkeypatch.setenv("DB_USER", "lmnh_loader")
+    monkeypatch.setenv("DB_PASS", ROLE_SECRET)
     sample_data.seed_bucket(s3, bucket, objects=2, rows=500, seed=21)   # exhibitions, decoys too
     s3.put_object(Bucket=bucket, Key="lmnh_exhibition_deepsea.json", Body=sample_data.exhibition_json(
         {"EXHIBITION_NAME": "Deep Sea", "EXHIBITION_ID": "EXH_07", "FLOOR": "4",
@@ -583,7 +609,7 @@ LOADER_REFUSED = [
 
 
 def test_the_loader_role_cannot_drop_truncate_create_or_rewrite(db):
-    assert apply_roles(db.port, db.name).returncode == 0
+    apply_roles_with_passwords(db)
     loader = connect_as(db, "lmnh_loader")
     try:
         allowed = {s: refused(loader, s) for s in LOADER_REFUSED}
@@ -604,7 +630,7 @@ ANALYST_VIEWS = ["exhibition_info", "rating_info", "request_info", "load_overvie
 
 
 def test_the_analyst_role_reads_tables_and_views_and_writes_nothing(db):
-    assert apply_roles(db.port, db.name).returncode == 0
+    apply_roles_with_passwords(db)
     analyst = connect_as(db, "lmnh_analyst")
     try:
         for relation in [*ANALYST_VIEWS, "rating_interaction", "rejected_event", "kafka_offset"]:
@@ -627,14 +653,14 @@ def test_the_analyst_role_reads_tables_and_views_and_writes_nothing(db):
 
 
 def test_roles_sql_takes_back_privileges_granted_by_hand(db):
-    assert apply_roles(db.port, db.name).returncode == 0
+    apply_roles_with_passwords(db)
     admin = load.connect(db)
     admin.autocommit = True
     with admin.cursor() as cur:
         cur.execute("GRANT TRUNCATE, UPDATE ON rating_interaction TO lmnh_loader")
         cur.execute("GRANT INSERT ON rating TO lmnh_analyst")
     admin.close()
-    assert apply_roles(db.port, db.name).returncode == 0
+    apply_roles_with_passwords(db)
     loader = connect_as(db, "lmnh_loader")
     try:
         assert refused(loader, "TRUNCATE rating_interaction") is psycopg2.errors.InsufficientPrivilege
@@ -687,7 +713,7 @@ def _reset(env: dict[str, str], *args: str, answer: bytes | None = None
 def test_reset_asks_before_wiping_a_database_that_is_not_the_local_one(db, tmp_path):
     env_file = tmp_path / "prod.env"
     env_file.write_text(f"DB_HOST={db.host}\nDB_PORT={db.port}\nDB_NAME={db.name}\n"
-                        f"DB_USER={db.user}\nDB_PASS={DB_SECRET}\n")
+                        f"DB_USER={db.user}\nDB_PASS={db.password}\n")
     env = {**os.environ, "LMNH_ENV_FILE": str(env_file)}
     _plant_rows(db)
     outputs: list[str] = []
@@ -722,6 +748,6 @@ def test_reset_asks_before_wiping_a_database_that_is_not_the_local_one(db, tmp_p
         assert scalar(conn, "SELECT count(*) FROM exhibition_info") == 6
     finally:
         conn.close()
-    assert not [o for o in outputs if DB_SECRET in o or "Traceback" in o]
+    assert not [o for o in outputs if db.password in o or "Traceback" in o]
 
 
