@@ -5,11 +5,20 @@
 -- or `reset.sh` (a dropped table loses its grants):
 --
 --     psql -X -v ON_ERROR_STOP=1 -1 -f roles.sql
---     psql -X -v ON_ERROR_STOP=1 -1 -v loader_password="$LOADER_PW" -v analyst_password="$ANALYST_PW" -f roles.sql
+--     bash connect.sh -X -v ON_ERROR_STOP=1 -1 -f roles.sql      (the configured or local database)
 --
--- or set the passwords interactively afterwards (hashed by psql, never sent or logged as text):
+-- Then give each role a password in an interactive psql (bash connect.sh):
 --
---     psql -c '\password lmnh_loader'      psql -c '\password lmnh_analyst'
+--     \password lmnh_loader
+--     \password lmnh_analyst
+--
+-- psql asks for it twice without echoing it, hashes it on your machine and sends only the SCRAM
+-- verifier (ALTER ROLE ... PASSWORD 'SCRAM-SHA-256$...'): the password itself is never on a
+-- command line (`ps`), in the shell history or in the server's statement log. Do NOT pass it as
+-- `psql -v name=...` or write `ALTER ROLE ... PASSWORD 'text'`: both put it in clear text in
+-- one of those places. For automation, hash on the client the same way (libpq's
+-- PQencryptPasswordConn; psycopg2.extensions.encrypt_password(pw, role, conn, 'scram-sha-256'))
+-- and send the verifier.
 --
 -- It creates two roles (roles are cluster-wide; everything else below is per database):
 --
@@ -26,8 +35,11 @@
 --
 -- Idempotent and declarative: applying it again changes nothing, and it first revokes whatever
 -- the two roles hold on the schema's tables, so the privileges below are exactly what they have.
--- With no password variable the roles keep their current password (none when just created):
--- fine for a local server that trusts every login, and for tests.
+-- Passwords are left as they are (none when just created: the role cannot log in on a server
+-- that asks for passwords, RDS and the local stack alike, until `\password` gives it one).
+--
+-- It also takes TEMP on this database away from PUBLIC (given back to lmnh_analyst): a loader
+-- must not create temporary tables. Grant TEMP to any other role of this database that needs it.
 
 SET client_min_messages = warning;
 
@@ -58,19 +70,17 @@ BEGIN
     END IF;
 END $$;
 
-\if :{?loader_password}
-ALTER ROLE lmnh_loader PASSWORD :'loader_password';
-\endif
-\if :{?analyst_password}
-ALTER ROLE lmnh_analyst PASSWORD :'analyst_password';
-\endif
-
 -- ---------------------------------------------------------------- privileges (this database)
 DO $$
 DECLARE
     s TEXT := current_schema();
 BEGIN
     EXECUTE format('GRANT CONNECT ON DATABASE %I TO lmnh_loader, lmnh_analyst', current_database());
+    -- No temporary tables for the loader (defence in depth beside the functions' pinned
+    -- search_path: a temp table shadows a real one of the same name). TEMP is PUBLIC's by
+    -- default, so it is taken from PUBLIC; analysts keep it for their notebooks.
+    EXECUTE format('REVOKE TEMP ON DATABASE %I FROM PUBLIC, lmnh_loader', current_database());
+    EXECUTE format('GRANT TEMP ON DATABASE %I TO lmnh_analyst', current_database());
     -- Nobody but the owner creates objects in the schema (PostgreSQL 15's default; older servers,
     -- RDS included, let PUBLIC create tables in "public").
     EXECUTE format('REVOKE CREATE ON SCHEMA %I FROM PUBLIC', s);
@@ -86,10 +96,17 @@ BEGIN
 
     -- lmnh_loader.
     -- Master data: the rules read what is "known"; exhibition objects upsert an exhibition with
-    -- its department and floor (INSERT ... ON CONFLICT DO UPDATE ... RETURNING). Ratings and
+    -- its department and floor (INSERT ... ON CONFLICT ... RETURNING). UPDATE only of the
+    -- columns an upsert sets: an exhibition's public_id and site (which events are matched
+    -- on) stay as inserted. (department_name / floor_name: for ON CONFLICT DO UPDATE; an
+    -- INSERT ... ON CONFLICT DO NOTHING + SELECT needs only SELECT, INSERT.) Ratings and
     -- requests only change through schema.sql, so they are read-only here.
-    EXECUTE format('GRANT SELECT, INSERT, UPDATE ON %1$I.exhibition, %1$I.department, %1$I.floor '
+    EXECUTE format('GRANT SELECT, INSERT ON %1$I.exhibition, %1$I.department, %1$I.floor '
                    'TO lmnh_loader', s);
+    EXECUTE format('GRANT UPDATE (exhibition_name, exhibition_description, department_id, '
+                   'floor_id, exhibition_start_date) ON %1$I.exhibition TO lmnh_loader', s);
+    EXECUTE format('GRANT UPDATE (department_name) ON %1$I.department TO lmnh_loader', s);
+    EXECUTE format('GRANT UPDATE (floor_name) ON %1$I.floor TO lmnh_loader', s);
     EXECUTE format('GRANT SELECT ON %1$I.rating, %1$I.request TO lmnh_loader', s);
     -- Provenance and progress: upserted, locked (SELECT ... FOR UPDATE), never deleted.
     EXECUTE format('GRANT SELECT, INSERT, UPDATE ON %1$I.event_source, %1$I.s3_object_load, '
@@ -108,8 +125,13 @@ BEGIN
     -- Identity columns draw from their sequences without a grant; this is for any serial
     -- column a future schema might add.
     EXECUTE format('GRANT USAGE ON ALL SEQUENCES IN SCHEMA %I TO lmnh_loader', s);
-    -- The reference-checking triggers run as the loader (SECURITY INVOKER): they read the master
-    -- and provenance tables, granted above, and need EXECUTE where PUBLIC's was revoked.
-    EXECUTE format('GRANT EXECUTE ON FUNCTION %1$I.check_event_references(), '
-                   '%1$I.forbid_referenced_delete(), %1$I.forbid_truncate() TO lmnh_loader', s);
+    -- The reference-checking triggers run as the loader (SECURITY INVOKER, search_path pinned
+    -- in schema.sql): they read the master and provenance tables, granted above, and call
+    -- these functions. EXECUTE on them is the loader's only, not PUBLIC's.
+    EXECUTE format('REVOKE EXECUTE ON FUNCTION %1$I.key_range_covered(regclass, text, integer, '
+                   'integer), %1$I.check_event_references(), %1$I.forbid_referenced_delete(), '
+                   '%1$I.forbid_truncate() FROM PUBLIC, lmnh_analyst', s);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION %1$I.key_range_covered(regclass, text, integer, '
+                   'integer), %1$I.check_event_references(), %1$I.forbid_referenced_delete(), '
+                   '%1$I.forbid_truncate() TO lmnh_loader', s);
 END $$;

@@ -227,6 +227,22 @@ BEGIN
         USING ERRCODE = 'foreign_key_violation';
 END $$;
 
+-- Every function resolves names in this file's schema only, whoever calls it: with the caller's
+-- search_path a session could satisfy the reference check with a table of its own (a
+-- `CREATE TEMP TABLE exhibition` shadows the real one, as pg_temp is searched first unless
+-- named). pg_temp goes last; the schema is whichever this file is applied in. CREATE OR REPLACE
+-- clears the setting, so it is set again on every apply.
+DO $$
+DECLARE
+    f TEXT;
+BEGIN
+    FOREACH f IN ARRAY ARRAY['key_range_covered(regclass, text, integer, integer)',
+                             'check_event_references()', 'forbid_referenced_delete()',
+                             'forbid_truncate()'] LOOP
+        EXECUTE format('ALTER FUNCTION %s SET search_path = %I, pg_temp', f, current_schema());
+    END LOOP;
+END $$;
+
 DO $$
 DECLARE
     t TEXT;

@@ -605,6 +605,11 @@ LOADER_REFUSED = [
     "ALTER TABLE rating_interaction OWNER TO lmnh_loader",
     "ALTER TABLE rating_interaction DISABLE TRIGGER ALL",
     "DROP FUNCTION check_event_references()",
+    # no temporary tables (one named like a master table would shadow it) ...
+    "CREATE TEMP TABLE exhibition (exhibition_id SMALLINT)",
+    # ... and of an exhibition only what the upsert sets: events are matched on site/public_id
+    "UPDATE exhibition SET site = site",
+    "UPDATE exhibition SET public_id = public_id",
 ]
 
 
@@ -623,6 +628,66 @@ def test_the_loader_role_cannot_drop_truncate_create_or_rewrite(db):
             assert refused(loader, statement) is None, statement
     finally:
         loader.close()
+
+
+SCHEMA_FUNCTIONS = "SELECT p.oid::regprocedure::text, p.proconfig FROM pg_proc p " \
+                   "WHERE p.pronamespace = current_schema()::regnamespace ORDER BY 1"
+
+
+def _rating_row(cur, exhibition_id: int) -> None:
+    """One rating event for an exhibition key, from a real source: what a COPY would insert."""
+    source = load.source_id(cur, "s3", "s3://museum/lmnh_hist_data_0.csv")
+    cur.execute("INSERT INTO rating_interaction (exhibition_id, rating_id, event_at, source_id, "
+                "position) SELECT %s, r.rating_id, now(), %s, 2 FROM rating r "
+                "WHERE r.rating_value = 3", (exhibition_id, source))
+
+
+def test_a_temp_table_cannot_stand_in_for_a_master_table_in_the_reference_check(db):
+    """The functions' search_path is pinned to the schema, pg_temp last: even a session that
+    may create temporary tables cannot make an event point at an exhibition that is not there."""
+    conn = load.connect(db)
+    try:
+        with pytest.raises(psycopg2.errors.ForeignKeyViolation, match="exhibition_id 999"):
+            with load.transaction(conn) as cur:
+                cur.execute("CREATE TEMP TABLE exhibition (exhibition_id SMALLINT)")
+                cur.execute("INSERT INTO exhibition VALUES (999)")
+                _rating_row(cur, 999)
+        assert table_counts(conn)["rating_interaction"] == 0
+        assert dict(rows(conn, SCHEMA_FUNCTIONS)) == {
+            name: ["search_path=public, pg_temp"] for name in (
+                "check_event_references()", "forbid_referenced_delete()", "forbid_truncate()",
+                "key_range_covered(regclass,text,integer,integer)")}
+    finally:
+        conn.close()
+
+
+def test_the_loader_may_execute_every_function_its_triggers_call(db):
+    """Where EXECUTE was taken from PUBLIC (as roles.sql now does itself), the loader still has
+    it on every function its triggers call: key_range_covered too, called by the reference
+    check."""
+    admin = load.connect(db)
+    admin.autocommit = True
+    try:
+        for name, _ in rows(admin, SCHEMA_FUNCTIONS):
+            with admin.cursor() as cur:
+                cur.execute(sql.SQL("REVOKE EXECUTE ON FUNCTION {} FROM PUBLIC").format(
+                    sql.SQL(name)))
+        apply_roles_with_passwords(db)
+        loader = connect_as(db, "lmnh_loader")
+        try:
+            with load.transaction(loader) as cur:
+                cur.execute("SELECT exhibition_id FROM exhibition WHERE site = 1")
+                _rating_row(cur, cur.fetchone()[0])
+            assert table_counts(loader)["rating_interaction"] == 1
+        finally:
+            loader.close()
+        for name, _ in rows(admin, SCHEMA_FUNCTIONS):
+            assert scalar(admin, "SELECT has_function_privilege('lmnh_loader', %s, 'EXECUTE')",
+                          (name,)), name
+            assert not scalar(admin, "SELECT has_function_privilege('public', %s, 'EXECUTE')",
+                              (name,)), name
+    finally:
+        admin.close()
 
 
 ANALYST_VIEWS = ["exhibition_info", "rating_info", "request_info", "load_overview",
