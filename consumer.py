@@ -521,6 +521,9 @@ class KioskConsumer:
                     "again from there", gap)
         self.accepted_gaps.update(gap.gaps.items())
         for partition, offset in gap.rewind_to.items():
+            # An end seen with the refused batch is behind us again: --stop-at-end waits for
+            # the next one, after the rewound range has been read.
+            self.at_end.discard(partition)
             try:
                 self.consumer.seek(TopicPartition(self.topic, partition, offset))
             except KafkaException as exc:  # revoked meanwhile: its new owner reads the database

@@ -15,6 +15,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -36,6 +37,7 @@ import sample_data
 import transform
 from conftest import admin_connection, create_topic
 from helpers import reason_counts, rows, run_consumer_in_process, scalar, table_counts
+from settings import Settings
 
 PROJECT = Path(__file__).resolve().parent.parent
 LONDON = ZoneInfo("Europe/London")
@@ -918,3 +920,44 @@ def test_a_batch_that_skips_ahead_of_the_stored_offset_is_refused_then_reread(
                                   accepted_gaps=frozenset({(0, 0)}))
     assert result.next_offsets == {0: 20}
     assert sum(table_counts(conn).values()) == 10
+
+
+def test_stop_at_end_reads_a_rewound_range_before_stopping(kafka_settings, topic, db, conn):
+    """A batch that skipped ahead (here: the database was unreachable at assignment, so the
+    group's Kafka offset, 10, was used while the database says 0) is refused and the partition
+    rewound. The end of the partition seen with that batch no longer holds: --stop-at-end
+    must read offsets 0-19 and only then stop (it stopped with nothing stored)."""
+    from confluent_kafka import Consumer, TopicPartition
+    placed = produce(kafka_settings, topic, sample_data.generate_messages(20, seed=31))
+    group = group_name()
+    committer = Consumer({**kafka_settings.client_config(), "group.id": group,
+                          "enable.auto.commit": False})
+    committer.commit(offsets=[TopicPartition(topic, 0, 10)], asynchronous=False)
+    committer.close()
+    worker = consumer.KioskConsumer(
+        Settings(database=db, s3=None, kafka=kafka_settings), topic, group, None, 500, 6000,
+        True, consumer.Metrics(None), transform.Rules())
+    # the session the worker holds is cut off: reading positions at assignment fails
+    worker.conn = load.connect(db)
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_terminate_backend(%s)", (worker.conn.get_backend_pid(),))
+    conn.commit()
+    assign = worker._on_assign
+
+    def assign_then_pause(*args) -> None:
+        """A pause after assignment (a slow log disk, a long GC) lets the client fetch up to
+        the partition's end: the first batch brings offsets 10-19 and the end together."""
+        assign(*args)
+        time.sleep(1.5)
+
+    worker._on_assign = assign_then_pause
+    watchdog = threading.Timer(60, worker.request_stop)   # a run that never stops fails below
+    watchdog.start()
+    try:
+        assert worker.run() == 0
+    finally:
+        watchdog.cancel()
+    assert worker.accepted_gaps == {(0, 0)}           # the gap was really met and rewound
+    assert not worker.stopping, "stopped by the watchdog, not at the end"
+    assert next_offsets(conn, topic) == {0: 20}
+    assert_exact(conn, topic, placed)
