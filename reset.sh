@@ -18,6 +18,7 @@ done
 [ -f "$schema" ] || { echo "reset.sh: schema file $schema not found" >&2; exit 2; }
 PY=.venv/bin/python
 [ -x "$PY" ] || PY=python3
+# the password reaches psql in its environment (PGPASSWORD), never on a command line
 exports=$("$PY" localstack.py psql-env) || exit 1
 eval "$exports"
 PSQL=$(command -v psql || true)
