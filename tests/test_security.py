@@ -96,7 +96,7 @@ def produce(kafka, topic: str, payloads: list[bytes]) -> None:
 def module_db(template_db, stack):
     """A database of this module's own (module-scoped, so scenarios can share it)."""
     name = f"t_sec_{uuid.uuid4().hex[:8]}"
-    conn = admin_connection(stack["postgres"]["port"])
+    conn = admin_connection(stack["postgres"])
     with conn.cursor() as cur:
         cur.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name),
                                                                      sql.Identifier(TEMPLATE_DB)))
