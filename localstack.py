@@ -266,8 +266,14 @@ def _ensure_password(state_dir: Path, info: dict) -> dict:
         import psycopg2
         from psycopg2.extensions import encrypt_password
         password = secrets.token_urlsafe(32)
-        conn = psycopg2.connect(host="127.0.0.1", port=info["port"], user="postgres",
-                                dbname="postgres", connect_timeout=10)
+        try:
+            conn = psycopg2.connect(host="127.0.0.1", port=info["port"], user="postgres",
+                                    dbname="postgres", connect_timeout=10)
+        except psycopg2.OperationalError as exc:
+            raise LocalStackError(
+                f"local PostgreSQL wants a password but {secret} is missing ("
+                f"{str(exc).strip().splitlines()[-1]}): restore the file, or stop the stack and "
+                f"remove {Path(info['data']).parent} to start with an empty database") from None
         conn.autocommit = True
         try:
             with conn.cursor() as cur:
@@ -279,6 +285,8 @@ def _ensure_password(state_dir: Path, info: dict) -> dict:
         finally:
             conn.close()
         log.info("local PostgreSQL now asks for a password (kept in %s)", secret)
+    elif secret.stat().st_mode & 0o077:   # e.g. restored from a backup: owner-only again
+        secret.chmod(0o600)
     return {**info, "password_file": str(secret)}
 
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import psycopg2
+import pytest
 
 import localstack
 from settings import Settings
@@ -162,3 +163,20 @@ def test_psql_env_redacts_a_secret_pasted_into_the_wrong_setting(tmp_path):
     assert result.returncode == 1
     assert result.stderr.startswith("error: DB_PORT must be a port number"), result.stderr
     assert secret not in result.stdout + result.stderr
+
+
+def test_a_lost_password_file_is_one_clear_error(tmp_path):
+    state = tmp_path / "stack"
+    info = localstack.up(("postgres",), state_dir=state)["postgres"]
+    secret = localstack.password_file(state)
+    kept = secret.read_text()
+    try:
+        secret.unlink()
+        with pytest.raises(localstack.LocalStackError, match="wants a password but .* is missing"):
+            localstack.up(("postgres",), state_dir=state)
+        assert not secret.exists()   # no new password that the server does not know
+        secret.write_text(kept)   # restored, but readable by all
+        assert localstack.up(("postgres",), state_dir=state)["postgres"]["pid"] == info["pid"]
+        assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    finally:
+        localstack.down(state)
