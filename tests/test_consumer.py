@@ -935,8 +935,9 @@ def test_stop_at_end_reads_a_rewound_range_before_stopping(kafka_settings, topic
     committer.commit(offsets=[TopicPartition(topic, 0, 10)], asynchronous=False)
     committer.close()
     worker = consumer.KioskConsumer(
-        Settings(database=db, s3=None, kafka=kafka_settings), topic, group, None, 500, 6000,
-        True, consumer.Metrics(None), transform.Rules())
+        Settings(database=db, s3=None, kafka=kafka_settings),
+        consumer.ConsumerOptions(topic, group, batch_size=500, stop_at_end=True),
+        consumer.Metrics(None), transform.Rules())
     # the session the worker holds is cut off: reading positions at assignment fails
     worker.conn = load.connect(db)
     with conn.cursor() as cur:
