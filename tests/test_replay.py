@@ -18,7 +18,7 @@ import uuid
 import psycopg2
 import pytest
 from confluent_kafka import Producer
-from test_security import apply_roles, psql
+from test_security import ROLE_SECRET, apply_roles_with_passwords, psql
 
 import load
 import pipeline
@@ -114,7 +114,8 @@ def apply_schema_file(db, text: str, tmp_path) -> None:
     path.write_text(text)
     done = subprocess.run([psql(), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", db.host, "-p",
                            str(db.port), "-U", db.user, "-d", db.name, "-f", str(path)],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PGPASSWORD": db.password})
     assert done.returncode == 0, done.stderr
 
 
@@ -429,11 +430,13 @@ def test_the_loader_role_may_replay(s3, bucket, service_env, db, conn, monkeypat
     reason changes cannot be re-worded."""
     uri = load_kiosk_object(s3, bucket, conn)
     add_exhibition_file(s3, bucket)
-    assert apply_roles(db.port, db.name).returncode == 0
+    apply_roles_with_passwords(db)
     monkeypatch.setenv("DB_USER", "lmnh_loader")
+    monkeypatch.setenv("DB_PASS", ROLE_SECRET)
     assert replay.main([]) == 0
     assert outcomes(conn) == expected(1, uri)
-    loader = psycopg2.connect(host=db.host, port=db.port, dbname=db.name, user="lmnh_loader")
+    loader = psycopg2.connect(host=db.host, port=db.port, dbname=db.name, user="lmnh_loader",
+                              password=ROLE_SECRET)
     try:
         with pytest.raises(psycopg2.errors.InsufficientPrivilege), loader.cursor() as cur:
             cur.execute("UPDATE rejected_event SET payload = 'x'")
