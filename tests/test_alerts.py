@@ -26,7 +26,7 @@ import psycopg2.errors
 import pytest
 import test_consumer
 from test_consumer import group_name, log_text, produce, wait_for
-from test_security import apply_roles, connect_as, refused
+from test_security import ROLE_SECRET, apply_roles_with_passwords, connect_as, refused
 
 from helpers import rows, run_consumer_in_process, scalar
 from settings import SettingsError, environment_secrets, load_settings
@@ -293,8 +293,9 @@ def test_the_scrape_shows_lag_and_the_newest_event_per_site(
 # --------------------------------------------------------------------------- roles
 def test_the_loader_role_queues_and_marks_alerts_but_cannot_delete_them(
         db, kafka_settings, topic, alert_env, receiver, monkeypatch):
-    assert apply_roles(db.port, db.name).returncode == 0
+    apply_roles_with_passwords(db)
     monkeypatch.setenv("DB_USER", "lmnh_loader")
+    monkeypatch.setenv("DB_PASS", ROLE_SECRET)
     placed = produce(kafka_settings, topic, live_stream([2], datetime.now(UTC)))
     # stopping at the end gives the sender its last round: the alert goes before the exit
     assert run_consumer_in_process("--topic", topic, "--group", group_name(), "--stop-at-end") == 0
