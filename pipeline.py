@@ -49,6 +49,7 @@ from settings import (
     SettingsError,
     first_line,
     load_settings,
+    positive_int,
     redact,
 )
 
@@ -317,12 +318,6 @@ def report_progress(chunks: transform.Chunks, progress) -> transform.Chunks:
 
 
 # --------------------------------------------------------------------------- CLI
-def positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}")
-    return int(text)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pipeline.py",

@@ -30,7 +30,7 @@ import load
 import localstack
 import transform
 from logsetup import read_protected_environment, setup_logging
-from settings import Settings, SettingsError, first_line, load_settings, redact
+from settings import Settings, SettingsError, first_line, load_settings, positive_int, redact
 
 log = logging.getLogger("replay")
 
@@ -246,12 +246,6 @@ def run(settings: Settings, reasons: list[str], source_uri: str | None = None,
 
 
 # --------------------------------------------------------------------------- CLI
-def positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}")
-    return int(text)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="replay.py",

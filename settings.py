@@ -7,6 +7,7 @@ from the local stack (`localstack.py`).
 """
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -264,6 +265,13 @@ def environment_secrets(env: Mapping[str, str]) -> list[str]:
     even an error about a mistyped setting cannot echo a secret pasted into it."""
     return [value for key in SECRET_KEYS if (value := (env.get(key) or "").strip())
             and len(value) >= 3]
+
+
+def positive_int(text: str) -> int:
+    """An argparse type for counts given on a command line (--num_rows, --page-rows)."""
+    if not text.isdigit() or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}")
+    return int(text)
 
 
 def first_line(exc: BaseException) -> str:
