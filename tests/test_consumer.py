@@ -36,7 +36,7 @@ import localstack
 import sample_data
 import transform
 from conftest import admin_connection, create_topic
-from helpers import reason_counts, rows, run_consumer_in_process, scalar, table_counts
+from helpers import identity_values, reason_counts, rows, run_consumer_in_process, scalar, table_counts
 from settings import Settings
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -962,3 +962,34 @@ def test_stop_at_end_reads_a_rewound_range_before_stopping(kafka_settings, topic
     assert not worker.stopping, "stopped by the watchdog, not at the end"
     assert next_offsets(conn, topic) == {0: 20}
     assert_exact(conn, topic, placed)
+
+
+def read_messages(kafka_settings, topic: str, start: int, count: int) -> list:
+    """`count` messages of partition 0 from offset `start`, as a consumer batch holds them."""
+    from confluent_kafka import Consumer, TopicPartition
+    reader = Consumer({**kafka_settings.client_config(), "group.id": group_name(),
+                       "enable.auto.commit": False})
+    reader.assign([TopicPartition(topic, 0, start)])
+    batch: list = []
+    deadline = time.monotonic() + 30
+    while len(batch) < count and time.monotonic() < deadline:
+        batch += [m for m in reader.consume(count - len(batch), 1.0) if m.error() is None]
+    reader.close()
+    assert [m.offset() for m in batch] == list(range(start, start + count))
+    return batch
+
+
+def test_batches_over_known_partitions_draw_no_identity_value(kafka_settings, topic, conn):
+    """SPEC §3.1: ten batches a second for ten years must not exhaust event_source's INT key;
+    only the partition's first batch creates (draws) its source."""
+    produce(kafka_settings, topic, [message(at=AT, site="1", val=3) for _ in range(30)])
+    consumer.store_batch(conn, topic, read_messages(kafka_settings, topic, 0, 10),
+                         transform.Rules())
+    drawn = {k: v for k, v in identity_values(conn).items()
+             if not k.startswith(("rating_interaction.", "request_interaction."))}
+    for start in (10, 20):
+        result = consumer.store_batch(conn, topic, read_messages(kafka_settings, topic, start, 10),
+                                      transform.Rules())
+        assert result.ratings == 10
+    assert {k: v for k, v in identity_values(conn).items() if k in drawn} == drawn
+    assert scalar(conn, "SELECT count(*) FROM event_source") == 1

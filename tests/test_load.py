@@ -8,7 +8,9 @@ pinned here.
 """
 from __future__ import annotations
 
+import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, date, datetime
 
 import pandas as pd
@@ -18,7 +20,7 @@ import pytest
 
 import load
 import transform
-from helpers import rows, scalar, table_counts
+from helpers import identity_values, rows, scalar, table_counts
 from transform import Exhibition
 
 INSTANTS = [
@@ -382,6 +384,45 @@ def test_upsert_exhibition_updates_an_existing_one(conn):
         ("Cetacean Sensations II", "Marine Biology", "Vault", date(2020, 1, 2), "Refitted.")]
     assert scalar(conn, "SELECT count(*) FROM department "
                         "WHERE department_name = 'Marine Biology'") == 1
+
+
+def test_upsert_of_known_master_data_draws_no_identity_value(conn):
+    with load.transaction(conn) as cur:
+        assert load.upsert_exhibition(cur, PLANETS) == "added"
+    drawn = identity_values(conn)
+    for _ in range(3):
+        with load.transaction(conn) as cur:
+            assert load.upsert_exhibition(cur, PLANETS) == "unchanged"
+            load.source_id(cur, "s3", "s3://b/k.csv")
+    assert new_source(conn, "s3://b/k.csv") == new_source(conn, "s3://b/k.csv")
+    assert {k: v for k, v in identity_values(conn).items() if k != "event_source.source_id"} \
+        == {k: v for k, v in drawn.items() if k != "event_source.source_id"}
+    assert identity_values(conn)["event_source.source_id"] == 1  # one source, one value
+
+
+def test_a_concurrent_insert_of_the_same_exhibition_is_waited_for_not_an_error(db, conn):
+    """Two runs finding the same new exhibition file: the second waits for the first's insert,
+    then finds its rows (same keys) instead of failing on the unique constraint."""
+    other = load.connect(db)
+    try:
+        with other.cursor() as theirs:
+            assert load.upsert_exhibition(theirs, PLANETS) == "added"   # not committed yet
+            with ThreadPoolExecutor(1) as pool:
+                mine = pool.submit(lambda: _upsert_in_transaction(conn, PLANETS))
+                time.sleep(0.5)
+                assert not mine.done()                                  # waits on their insert
+                other.commit()
+                assert mine.result(timeout=10) == "unchanged"
+    finally:
+        other.close()
+    assert rows(conn, "SELECT count(*), min(exhibition_id) FROM exhibition WHERE site = 6") \
+        == [(1, master(conn).exhibitions[6])]
+    assert scalar(conn, "SELECT count(*) FROM department WHERE department_name = 'Astronomy'") == 1
+
+
+def _upsert_in_transaction(conn, exhibition: Exhibition) -> str:
+    with load.transaction(conn) as cur:
+        return load.upsert_exhibition(cur, exhibition)
 
 
 def test_upsert_of_a_parsed_exhibition_file(conn):
