@@ -26,7 +26,15 @@ from zoneinfo import ZoneInfo
 
 import numpy as np
 import psycopg2
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    TopicCollection,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient
 
 import alerts
 import load
@@ -156,11 +164,6 @@ def newest_event_per_site(outcome: transform.Outcome, master: transform.MasterDa
     site_of = {exhibition: site for site, exhibition in master.exhibitions.items()}
     return {site_of[int(e)]: int(micros[ids == e].max()) / 1e6 for e in np.unique(ids)
             if int(e) in site_of}
-
-
-def read_positions(conn, topic: str, partitions: list[int]) -> dict[int, int]:
-    with load.transaction(conn) as cur:
-        return load.stored_offsets(cur, topic, partitions)
 
 
 class Metrics:
@@ -313,6 +316,7 @@ class KioskConsumer:
                   "error_cb": self._on_error, "logger": LibrdkafkaLog(self._on_handshake_failure),
                   "statistics.interval.ms": 1000, "stats_cb": self._on_stats}
         self.consumer = Consumer(config)
+        self.admin: AdminClient | None = None  # topic IDs, read at assignment
 
     # ---- signals and callbacks
     def request_stop(self, signum=None, frame=None) -> None:
@@ -365,7 +369,7 @@ class KioskConsumer:
     def _on_assign(self, consumer, partitions: list[TopicPartition]) -> None:
         wanted = [p.partition for p in partitions]
         try:
-            stored = read_positions(self._db(), self.topic, wanted)
+            stored = self._claim(consumer, wanted)
         except (psycopg2.Error, load.DatabaseError) as exc:
             # Kafka's committed offsets trail the database's, and store_batch drops anything
             # already stored, so starting from them is safe, only slower.
@@ -375,13 +379,57 @@ class KioskConsumer:
             stored = None
         for p in partitions:
             if stored is not None:
-                p.offset = stored.get(p.partition, OFFSET_BEGINNING)
+                p.offset = stored.get(p.partition) or OFFSET_BEGINNING
         consumer.assign(partitions)
         self.assigned |= set(wanted)
         self.at_end -= set(wanted)
         log.info("assigned %s partitions %s, starting at %s", self.topic, sorted(wanted),
                  {p.partition: ("earliest" if p.offset == OFFSET_BEGINNING else p.offset)
                   for p in partitions} if stored is not None else "committed offsets")
+
+    def _claim(self, consumer, partitions: list[int]) -> dict[int, int]:
+        """The database's next offset per partition, for the log the broker holds now: a
+        partition of a recreated topic starts a new source from its beginning (SPEC §3.1)."""
+        topic_id, no_ids = self._topic_id()
+        ends = self._log_ends(consumer, partitions) if no_ids else None
+        with load.transaction(self._db()) as cur:
+            offsets, new_logs = load.claim_partitions(cur, self.topic, partitions, topic_id, ends)
+        for new in new_logs:
+            log.warning("%s partition %d was recreated (%s): stored offset %d belongs to the old "
+                        "log, whose rows stay as they are; reading the new log from its "
+                        "beginning as source %s", self.topic, new.partition, new.why,
+                        new.old_offset, new.uri)
+        return offsets
+
+    def _topic_id(self) -> tuple[str | None, bool]:
+        """(the topic's ID, True when the broker has no IDs). (None, False) when describe-topics
+        failed: no log is judged new on a guess."""
+        if self.admin is None:
+            self.admin = AdminClient({**self.settings.kafka.client_config(),
+                                      "logger": _librdkafka_logger()})
+        try:
+            found = self.admin.describe_topics(TopicCollection([self.topic]))[self.topic]
+            uuid = found.result(timeout=10).topic_id
+        except (KafkaException, TimeoutError) as exc:
+            log.info("could not read the topic ID of %s (%s); keeping the stored offsets",
+                     self.topic, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            return None, False
+        if uuid is None or not (uuid.get_most_significant_bits() or
+                                uuid.get_least_significant_bits()):  # the zero UUID: no IDs
+            return None, True
+        return str(uuid), False
+
+    def _log_ends(self, consumer, partitions: list[int]) -> dict[int, int]:
+        """Each partition's high watermark; trusted only where the broker has no topic IDs
+        (Tansu, which has them, reports it too low: SPEC §5)."""
+        ends = {}
+        for partition in partitions:
+            try:
+                ends[partition] = consumer.get_watermark_offsets(
+                    TopicPartition(self.topic, partition), timeout=5)[1]
+            except KafkaException as exc:
+                log.info("no log end for %s partition %d (%s)", self.topic, partition, exc)
+        return ends
 
     def _on_revoke(self, consumer, partitions: list[TopicPartition]) -> None:
         # Nothing to flush: each batch is stored before the next consume(), so the database

@@ -27,7 +27,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import KafkaException, Producer
 from psycopg2 import sql
 
 import consumer
@@ -993,3 +993,76 @@ def test_batches_over_known_partitions_draw_no_identity_value(kafka_settings, to
         assert result.ratings == 10
     assert {k: v for k, v in identity_values(conn).items() if k in drawn} == drawn
     assert scalar(conn, "SELECT count(*) FROM event_source") == 1
+
+
+EVENTS_BY_SOURCE_SQL = """
+SELECT s.uri, t.position, t.outcome
+FROM (SELECT source_id, position, 'rating' AS outcome FROM rating_interaction
+      UNION ALL SELECT source_id, position, 'request' FROM request_interaction
+      UNION ALL SELECT source_id, position, reason FROM rejected_event) t
+JOIN event_source s USING (source_id)
+ORDER BY 1, 2"""
+
+
+def recreate_topic(kafka, topic: str) -> None:
+    """Delete the topic and create it again: what a restart of the memory-only local broker
+    does (SPEC §5), and what an operator's delete and create does on any broker."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+    admin = AdminClient(kafka.client_config())
+    admin.delete_topics([topic])[topic].result(timeout=15)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(timeout=15)
+            return
+        except KafkaException:  # deletion still under way
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def topic_id(kafka, topic: str) -> str:
+    from confluent_kafka import TopicCollection
+    from confluent_kafka.admin import AdminClient
+    admin = AdminClient(kafka.client_config())
+    return str(admin.describe_topics(TopicCollection([topic]))[topic].result(timeout=10).topic_id)
+
+
+def test_a_recreated_topic_is_read_from_its_beginning_as_a_new_source(
+        kafka_settings, topic, service_env, conn, spawn):
+    """SPEC §3.1: after the topic is deleted and created again its offsets start from 0. The
+    stored offset 100 means nothing there: before, the consumer sought to it and waited for
+    ever (Tansu), or dropped the new messages as "already stored" (Kafka)."""
+    group = group_name()
+    first = produce(kafka_settings, topic, sample_data.generate_messages(100, seed=3))
+    assert run_consumer_in_process("--topic", topic, "--group", group, "--stop-at-end") == 0
+    old_rows = rows(conn, EVENTS_BY_SOURCE_SQL)
+    assert len(old_rows) == 100
+    old_id = topic_id(kafka_settings, topic)
+    assert rows(conn, "SELECT next_offset, topic_id, epoch FROM kafka_offset") == [
+        (100, old_id, 0)]
+
+    recreate_topic(kafka_settings, topic)
+    assert topic_id(kafka_settings, topic) != old_id
+    second = produce(kafka_settings, topic, sample_data.generate_messages(50, seed=4))
+    proc = spawn("--topic", topic, "--group", group, "--stop-at-end")
+    try:
+        assert proc.wait(60) == 0, log_text(proc)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"--stop-at-end never stopped:\n{log_text(proc)[-3000:]}") from None
+
+    text = log_text(proc)
+    warnings = [line for line in text.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1, text
+    assert "was recreated" in warnings[0] and f"kafka://{topic}/0@1" in warnings[0], warnings
+    assert "already stored" not in text
+    stored = rows(conn, EVENTS_BY_SOURCE_SQL)
+    assert [r for r in stored if r[0] == f"kafka://{topic}/0"] == old_rows   # untouched
+    assert {(0, o): outcome for uri, o, outcome in stored if uri == f"kafka://{topic}/0"} \
+        == expected_outcomes(first)
+    new_log = {(0, o): outcome for uri, o, outcome in stored if uri == f"kafka://{topic}/0@1"}
+    assert new_log == expected_outcomes(second)
+    assert len(stored) == 150
+    assert rows(conn, "SELECT next_offset, topic_id, epoch FROM kafka_offset") == [
+        (50, topic_id(kafka_settings, topic), 1)]
+    assert set(rows(conn, "SELECT DISTINCT source FROM rejected_event")) <= {(f"kafka://{topic}",)}

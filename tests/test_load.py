@@ -510,5 +510,85 @@ def test_locked_offsets_are_held_until_the_transaction_ends(db, conn):
         other.close()
 
 
+def claim(conn, partitions: list[int], topic_id: str | None, log_ends=None):
+    with load.transaction(conn) as cur:
+        return load.claim_partitions(cur, "lmnh", partitions, topic_id, log_ends)
+
+
+def offset_rows(conn) -> list[tuple]:
+    return rows(conn, "SELECT partition, uri, next_offset, topic_id, epoch FROM kafka_offset "
+                      "JOIN event_source USING (source_id) ORDER BY partition")
+
+
+def test_claimed_partitions_keep_their_offsets_while_the_topic_id_holds(conn):
+    assert claim(conn, [0, 1], "id-A") == ({0: 0, 1: 0}, [])
+    with load.transaction(conn) as cur:
+        load.advance_offset(cur, load.lock_offsets(cur, "lmnh", [0])[0][0], 100)
+    drawn = identity_values(conn)
+    assert claim(conn, [0, 1], "id-A") == ({0: 100, 1: 0}, [])
+    assert claim(conn, [0], None) == ({0: 100}, [])                 # ID unknown: kept
+    assert claim(conn, [0], None, {0: 200}) == ({0: 100}, [])       # within the log
+    assert identity_values(conn) == drawn                           # nothing new, nothing drawn
+    assert offset_rows(conn) == [(0, "kafka://lmnh/0", 100, "id-A", 0),
+                                 (1, "kafka://lmnh/1", 0, "id-A", 0)]
+
+
+def test_a_database_from_before_topic_ids_adopts_the_brokers(conn):
+    with load.transaction(conn) as cur:
+        load.advance_offset(cur, load.lock_offsets(cur, "lmnh", [0])[0][0], 100)
+    assert claim(conn, [0], "id-A") == ({0: 100}, [])
+    assert offset_rows(conn) == [(0, "kafka://lmnh/0", 100, "id-A", 0)]
+
+
+def test_a_new_topic_id_starts_a_new_epoch_from_offset_0(conn):
+    claim(conn, [0, 1], "id-A")
+    with load.transaction(conn) as cur:
+        locked = load.lock_offsets(cur, "lmnh", [0, 1])
+        load.advance_offset(cur, locked[0][0], 100)
+        load.advance_offset(cur, locked[1][0], 7)
+    offsets, new_logs = claim(conn, [0, 1], "id-B")
+    assert offsets == {0: 0, 1: 0}
+    assert new_logs == [
+        load.NewLog(0, 100, "kafka://lmnh/0@1", "the topic ID is now id-B, was id-A"),
+        load.NewLog(1, 7, "kafka://lmnh/1@1", "the topic ID is now id-B, was id-A")]
+    assert offset_rows(conn) == [(0, "kafka://lmnh/0@1", 0, "id-B", 1),
+                                 (1, "kafka://lmnh/1@1", 0, "id-B", 1)]
+    assert claim(conn, [0, 1], "id-B") == ({0: 0, 1: 0}, [])        # once only
+    assert claim(conn, [0], "id-C")[1][0].uri == "kafka://lmnh/0@2"
+    assert {uri for (uri,) in rows(conn, "SELECT uri FROM event_source")} == {
+        "kafka://lmnh/0", "kafka://lmnh/1", "kafka://lmnh/0@1", "kafka://lmnh/1@1",
+        "kafka://lmnh/0@2"}
+
+
+def test_without_topic_ids_an_offset_beyond_the_logs_end_starts_a_new_epoch(conn):
+    with load.transaction(conn) as cur:
+        load.advance_offset(cur, load.lock_offsets(cur, "lmnh", [0])[0][0], 100)
+    assert claim(conn, [0], None, {0: 100}) == ({0: 100}, [])        # at the end: caught up
+    offsets, new_logs = claim(conn, [0], None, {0: 50})
+    assert offsets == {0: 0}
+    assert new_logs == [load.NewLog(0, 100, "kafka://lmnh/0@1",
+                                    "the stored offset 100 is beyond the log's end 50")]
+    assert offset_rows(conn) == [(0, "kafka://lmnh/0@1", 0, None, 1)]
+
+
+def test_two_consumers_claiming_a_recreated_partition_start_one_epoch(db, conn):
+    """A rebalance can hand the partition over while the first owner is still claiming it:
+    the row lock makes the second see the first's new epoch, not start another."""
+    claim(conn, [0], "id-A")
+    other = load.connect(db)
+    try:
+        with other.cursor() as theirs:
+            assert load.claim_partitions(theirs, "lmnh", [0], "id-B", None)[1]  # not committed
+            with ThreadPoolExecutor(1) as pool:
+                mine = pool.submit(claim, conn, [0], "id-B")
+                time.sleep(0.5)
+                assert not mine.done()
+                other.commit()
+                assert mine.result(timeout=10) == ({0: 0}, [])
+    finally:
+        other.close()
+    assert offset_rows(conn) == [(0, "kafka://lmnh/0@1", 0, "id-B", 1)]
+
+
 def test_connect_speaks_museum_time(conn):
     assert scalar(conn, "SHOW timezone") == "Europe/London"
