@@ -94,6 +94,7 @@ class BatchResult:
     requests: int = 0
     rejected: Counter = field(default_factory=Counter)
     next_offsets: dict[int, int] = field(default_factory=dict)
+    new_logs: list[load.NewLog] = field(default_factory=list)
     emergencies: list[dict] = field(default_factory=list)  # fresh ones (alerts.emergencies_of)
     old_emergencies: int = 0          # too old to alert: a backlog being caught up
     alerts_queued: int = 0            # rows this batch added to alert_outbox
@@ -103,20 +104,24 @@ class BatchResult:
 def store_batch(conn, topic: str, messages: list, rules: transform.Rules,
                 now: datetime | None = None,
                 accepted_gaps: frozenset[tuple[int, int]] = frozenset(),
-                alerting: alerts.Alerting = alerts.NO_ALERTS) -> BatchResult:
+                alerting: alerts.Alerting = alerts.NO_ALERTS,
+                topic_id: str | None = None) -> BatchResult:
     """Validate a batch and commit its rows, rejections and offsets in one transaction.
 
     The partitions' offset rows are locked first; a message below the stored offset is already
     in the database (a replay) and is dropped, so nothing is ever stored twice. A batch that
     starts above the stored offset would skip messages: it raises OffsetGap instead (nothing
     written), unless that gap was already re-read once and confirmed (`accepted_gaps`: the
-    broker no longer holds those offsets, e.g. after retention).
+    broker no longer holds those offsets, e.g. after retention). `topic_id` is the ID of the
+    topic the messages were read from: a partition stored under another ID is a new log, and
+    the batch starts its new source (assignment does this first, unless the database was away).
     Fresh emergency calls are queued in the alert outbox in the same transaction when
     `alerting.outbox` is set (SPEC §4.1).
     """
     result = BatchResult(messages=len(messages))
     with load.transaction(conn) as cur:
-        offsets = load.lock_offsets(cur, topic, list({m.partition() for m in messages}))
+        offsets, result.new_logs = load.claim_partitions(
+            cur, topic, list({m.partition() for m in messages}), topic_id)
         master = load.read_master_data(cur)
         fresh = [m for m in messages if m.offset() >= offsets[m.partition()][1]]
         result.duplicates = len(messages) - len(fresh)
@@ -317,6 +322,7 @@ class KioskConsumer:
                   "statistics.interval.ms": 1000, "stats_cb": self._on_stats}
         self.consumer = Consumer(config)
         self.admin: AdminClient | None = None  # topic IDs, read at assignment
+        self.topic_id: str | None = None
 
     # ---- signals and callbacks
     def request_stop(self, signum=None, frame=None) -> None:
@@ -390,16 +396,20 @@ class KioskConsumer:
     def _claim(self, consumer, partitions: list[int]) -> dict[int, int]:
         """The database's next offset per partition, for the log the broker holds now: a
         partition of a recreated topic starts a new source from its beginning (SPEC §3.1)."""
-        topic_id, no_ids = self._topic_id()
+        self.topic_id, no_ids = self._topic_id()
         ends = self._log_ends(consumer, partitions) if no_ids else None
         with load.transaction(self._db()) as cur:
-            offsets, new_logs = load.claim_partitions(cur, self.topic, partitions, topic_id, ends)
+            offsets, new_logs = load.claim_partitions(cur, self.topic, partitions,
+                                                      self.topic_id, ends)
+        self._warn_new_logs(new_logs)
+        return {partition: next_offset for partition, (_, next_offset) in offsets.items()}
+
+    def _warn_new_logs(self, new_logs: list[load.NewLog]) -> None:
         for new in new_logs:
             log.warning("%s partition %d was recreated (%s): stored offset %d belongs to the old "
                         "log, whose rows stay as they are; reading the new log from its "
                         "beginning as source %s", self.topic, new.partition, new.why,
                         new.old_offset, new.uri)
-        return offsets
 
     def _topic_id(self) -> tuple[str | None, bool]:
         """(the topic's ID, True when the broker has no IDs). (None, False) when describe-topics
@@ -472,7 +482,7 @@ class KioskConsumer:
             try:
                 result = store_batch(self._db(), self.topic, messages, self.rules,
                                      accepted_gaps=frozenset(self.accepted_gaps),
-                                     alerting=self.alerting)
+                                     alerting=self.alerting, topic_id=self.topic_id)
             except (psycopg2.Error, load.DatabaseError) as exc:
                 text = load.describe_error(exc)
                 if not load.is_transient(exc):
@@ -606,6 +616,7 @@ class KioskConsumer:
         self._add(result)
         self.stored_next.update(result.next_offsets)
         self.metrics.observe(result, seconds)
+        self._warn_new_logs(result.new_logs)
         for call in result.emergencies:
             log.warning("EMERGENCY call at %s (site %d) at %s", call["exhibition"], call["site"],
                         call["at"])

@@ -553,11 +553,7 @@ def _locked_offset(cur, topic: str, partition: int, topic_id: str | None = None)
 
 def lock_offsets(cur, topic: str, partitions: list[int]) -> dict[int, tuple[int, int]]:
     """Lock (creating if needed) each partition's offset row; partition -> (source_id, next)."""
-    out = {}
-    for partition in sorted(partitions):
-        source, next_offset, _, _ = _locked_offset(cur, topic, partition)
-        out[partition] = (source, next_offset)
-    return out
+    return claim_partitions(cur, topic, partitions, None)[0]
 
 
 @dataclass(frozen=True)
@@ -577,8 +573,10 @@ WHERE source_id = %s"""
 
 
 def claim_partitions(cur, topic: str, partitions: list[int], topic_id: str | None,
-                     log_ends: dict[int, int] | None = None) -> tuple[dict[int, int], list[NewLog]]:
-    """Next offset per partition, for the log the broker holds now (SPEC §3.1).
+                     log_ends: dict[int, int] | None = None
+                     ) -> tuple[dict[int, tuple[int, int]], list[NewLog]]:
+    """Lock each partition's offset row for the log the broker holds now (SPEC §3.1);
+    partition -> (source_id, next offset), and the partitions found to be new logs.
 
     A stored offset means something only for the log it was read from. When the topic's ID
     differs from the stored one (or, on a broker without IDs, the stored offset lies beyond the
@@ -593,13 +591,14 @@ def claim_partitions(cur, topic: str, partitions: list[int], topic_id: str | Non
         why = _log_replaced(stored_id, topic_id, next_offset, (log_ends or {}).get(partition))
         if why:
             uri = kafka_source_uri(topic, partition, epoch + 1)
-            cur.execute(START_EPOCH, (source_id(cur, "kafka", uri), topic_id, epoch + 1, source))
+            old_source, source = source, source_id(cur, "kafka", uri)
+            cur.execute(START_EPOCH, (source, topic_id, epoch + 1, old_source))
             new_logs.append(NewLog(partition, next_offset, uri, why))
             next_offset = 0
         elif topic_id is not None and stored_id is None:
             cur.execute("UPDATE kafka_offset SET topic_id = %s WHERE source_id = %s",
                         (topic_id, source))
-        offsets[partition] = next_offset
+        offsets[partition] = (source, next_offset)
     return offsets, new_logs
 
 

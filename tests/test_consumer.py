@@ -1066,3 +1066,28 @@ def test_a_recreated_topic_is_read_from_its_beginning_as_a_new_source(
     assert rows(conn, "SELECT next_offset, topic_id, epoch FROM kafka_offset") == [
         (50, topic_id(kafka_settings, topic), 1)]
     assert set(rows(conn, "SELECT DISTINCT source FROM rejected_event")) <= {(f"kafka://{topic}",)}
+
+
+def test_a_batch_read_under_a_new_topic_id_starts_the_new_source_itself(
+        kafka_settings, topic, conn):
+    """Where assignment could not check the log (the database was away then), the batch does:
+    its messages are stored under a new epoch, not dropped as "already stored"; a batch that
+    does not begin at the new log's start is refused (OffsetGap) with nothing switched."""
+    produce(kafka_settings, topic, [message(at=AT, site="1", val=3) for _ in range(20)])
+    batch = read_messages(kafka_settings, topic, 0, 10)
+    first = consumer.store_batch(conn, topic, batch, transform.Rules(), topic_id="id-A")
+    assert (first.ratings, first.new_logs) == (10, [])
+    again = consumer.store_batch(conn, topic, batch, transform.Rules(), topic_id="id-A")
+    assert (again.ratings, again.duplicates) == (0, 10)           # the same log: a replay
+    with pytest.raises(consumer.OffsetGap):
+        consumer.store_batch(conn, topic, read_messages(kafka_settings, topic, 10, 10),
+                             transform.Rules(), topic_id="id-B")
+    assert rows(conn, "SELECT next_offset, topic_id, epoch FROM kafka_offset") == [(10, "id-A", 0)]
+    renewed = consumer.store_batch(conn, topic, batch, transform.Rules(), topic_id="id-B")
+    assert (renewed.ratings, renewed.duplicates) == (10, 0)
+    assert renewed.new_logs == [load.NewLog(0, 10, f"kafka://{topic}/0@1",
+                                            "the topic ID is now id-B, was id-A")]
+    assert rows(conn, "SELECT uri, count(*) FROM rating_interaction JOIN event_source "
+                      "USING (source_id) GROUP BY uri ORDER BY uri") == [
+        (f"kafka://{topic}/0", 10), (f"kafka://{topic}/0@1", 10)]
+    assert rows(conn, "SELECT next_offset, topic_id, epoch FROM kafka_offset") == [(10, "id-B", 1)]

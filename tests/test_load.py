@@ -511,8 +511,10 @@ def test_locked_offsets_are_held_until_the_transaction_ends(db, conn):
 
 
 def claim(conn, partitions: list[int], topic_id: str | None, log_ends=None):
+    """claim_partitions' (next offsets, new logs), sources left out (offset_rows shows them)."""
     with load.transaction(conn) as cur:
-        return load.claim_partitions(cur, "lmnh", partitions, topic_id, log_ends)
+        offsets, new_logs = load.claim_partitions(cur, "lmnh", partitions, topic_id, log_ends)
+    return {p: next_offset for p, (_, next_offset) in offsets.items()}, new_logs
 
 
 def offset_rows(conn) -> list[tuple]:
