@@ -399,10 +399,10 @@ class KioskConsumer:
         self.topic_id, no_ids = self._topic_id()
         ends = self._log_ends(consumer, partitions) if no_ids else None
         with load.transaction(self._db()) as cur:
-            offsets, new_logs = load.claim_partitions(cur, self.topic, partitions,
+            offsets, new_logs = load.assigned_offsets(cur, self.topic, partitions,
                                                       self.topic_id, ends)
         self._warn_new_logs(new_logs)
-        return {partition: next_offset for partition, (_, next_offset) in offsets.items()}
+        return offsets
 
     def _warn_new_logs(self, new_logs: list[load.NewLog]) -> None:
         for new in new_logs:

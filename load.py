@@ -602,6 +602,32 @@ def claim_partitions(cur, topic: str, partitions: list[int], topic_id: str | Non
     return offsets, new_logs
 
 
+STORED_LOGS = """
+SELECT partition, next_offset, topic_id FROM kafka_offset WHERE topic = %s AND partition = ANY(%s)"""
+
+
+def assigned_offsets(cur, topic: str, partitions: list[int], topic_id: str | None,
+                     log_ends: dict[int, int] | None = None) -> tuple[dict[int, int], list[NewLog]]:
+    """Next offset per partition at assignment (missing: never read), new logs started.
+
+    Read without locks: a frozen zombie consumer may hold a partition's row in its batch
+    transaction, and a rebalance must not wait for it. Only a partition that is a new log is
+    claimed (locked and switched); adopting an ID into a row without one is left to the
+    partition's next batch, which locks the row anyway.
+    """
+    cur.execute(STORED_LOGS, (topic, partitions))
+    stored = {partition: (next_offset, stored_id)
+              for partition, next_offset, stored_id in cur.fetchall()}
+    offsets = {partition: next_offset for partition, (next_offset, _) in stored.items()}
+    renew = [partition for partition, (next_offset, stored_id) in stored.items()
+             if _log_replaced(stored_id, topic_id, next_offset, (log_ends or {}).get(partition))]
+    if not renew:
+        return offsets, []
+    claimed, new_logs = claim_partitions(cur, topic, renew, topic_id, log_ends)
+    offsets.update({partition: next_offset for partition, (_, next_offset) in claimed.items()})
+    return offsets, new_logs
+
+
 def _log_replaced(stored_id: str | None, topic_id: str | None, next_offset: int,
                   log_end: int | None) -> str | None:
     """Why the stored offset belongs to another log, or None. The log's end is trusted only

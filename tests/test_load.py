@@ -592,5 +592,32 @@ def test_two_consumers_claiming_a_recreated_partition_start_one_epoch(db, conn):
     assert offset_rows(conn) == [(0, "kafka://lmnh/0@1", 0, "id-B", 1)]
 
 
+def test_assignment_does_not_wait_for_a_batch_holding_the_offset_rows(db, conn):
+    """A frozen zombie consumer may hold the rows in its batch transaction for as long as it
+    is stopped: a rebalance reads the offsets past its locks (the batch re-checks, locked)."""
+    claim(conn, [0], "id-A")
+    with load.transaction(conn) as cur:
+        load.advance_offset(cur, load.lock_offsets(cur, "lmnh", [0])[0][0], 5)
+    zombie = load.connect(db)
+    try:
+        with zombie.cursor() as theirs:
+            load.lock_offsets(theirs, "lmnh", [0])                      # held, not committed
+            with ThreadPoolExecutor(1) as pool:
+                assigned = pool.submit(_assigned_in_transaction, conn, [0, 1], "id-A")
+                assert assigned.result(timeout=5) == ({0: 5}, [])      # 1: never read yet
+        zombie.rollback()
+    finally:
+        zombie.close()
+    drawn = identity_values(conn)
+    offsets, new_logs = _assigned_in_transaction(conn, [0, 1], "id-B")  # a new log: claimed
+    assert offsets == {0: 0} and [n.uri for n in new_logs] == ["kafka://lmnh/0@1"]
+    assert identity_values(conn)["event_source.source_id"] == drawn["event_source.source_id"] + 1
+
+
+def _assigned_in_transaction(conn, partitions: list[int], topic_id: str):
+    with load.transaction(conn) as cur:
+        return load.assigned_offsets(cur, "lmnh", partitions, topic_id)
+
+
 def test_connect_speaks_museum_time(conn):
     assert scalar(conn, "SHOW timezone") == "Europe/London"
