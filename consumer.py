@@ -422,7 +422,7 @@ class KioskConsumer:
             uuid = found.result(timeout=10).topic_id
         except (KafkaException, TimeoutError) as exc:
             log.info("could not read the topic ID of %s (%s); keeping the stored offsets",
-                     self.topic, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                     self.topic, first_line(exc))
             return None, False
         if uuid is None or not (uuid.get_most_significant_bits() or
                                 uuid.get_least_significant_bits()):  # the zero UUID: no IDs
