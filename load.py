@@ -530,9 +530,9 @@ def stored_offsets(cur, topic: str, partitions: list[int]) -> dict[int, int]:
     return dict(cur.fetchall())
 
 
-LOCK_OFFSET = """
-SELECT source_id, next_offset, topic_id, epoch FROM kafka_offset
-WHERE topic = %s AND partition = %s FOR UPDATE"""
+# `*`, read by column name: a lock wait's log line shows the statement's first 60 characters,
+# which then name the table (load.describe_error).
+LOCK_OFFSET = "SELECT * FROM kafka_offset WHERE topic = %s AND partition = %s FOR UPDATE"
 INSERT_OFFSET = """
 INSERT INTO kafka_offset (source_id, topic, partition, next_offset, topic_id)
 VALUES (%s, %s, %s, 0, %s) ON CONFLICT DO NOTHING"""
@@ -548,7 +548,8 @@ def _locked_offset(cur, topic: str, partition: int, topic_id: str | None = None)
         cur.execute(INSERT_OFFSET, (source, topic, partition, topic_id))
         cur.execute(LOCK_OFFSET, (topic, partition))  # ours, or a concurrent consumer's
         row = cur.fetchone()
-    return row
+    found = dict(zip((column.name for column in cur.description), row))
+    return found["source_id"], found["next_offset"], found["topic_id"], found["epoch"]
 
 
 def lock_offsets(cur, topic: str, partitions: list[int]) -> dict[int, tuple[int, int]]:
