@@ -12,7 +12,7 @@ SET client_min_messages = warning;
 -- offsets are looked up first and inserted only when missing (load.py ENSURE_*, the seed below),
 -- because `INSERT ... ON CONFLICT` draws a value even when it inserts nothing.
 --   department, floor, exhibition, rating, request: SMALLINT (32,767 values), one per new
---     name, site or button; reruns draw none (each run drew 6 of each before: 5,450 runs).
+--     name, site or button; reruns draw none (each drew 6 before: gone after 5,450 runs).
 --   event_source.source_id: INT (2,147,483,647), one per S3 object key ever seen (a reload
 --     reuses it) and one per Kafka partition and topic epoch. A new object every minute for 10
 --     years is 5.3 million: 0.25 % of the range.
