@@ -101,27 +101,35 @@ class BatchResult:
     last_event_at: dict[int, float] = field(default_factory=dict)  # site -> newest event (Unix s)
 
 
+@dataclass(frozen=True)
+class KnownLog:
+    """What the consumer knows of the topic's log besides the batch in hand."""
+
+    topic_id: str | None = None  # read at assignment (describe-topics); None: not known
+    # (partition, offset) gaps re-read once and confirmed gone from the broker (retention)
+    accepted_gaps: frozenset[tuple[int, int]] = frozenset()
+
+
 def store_batch(conn, topic: str, messages: list, rules: transform.Rules,
-                now: datetime | None = None,
-                accepted_gaps: frozenset[tuple[int, int]] = frozenset(),
-                alerting: alerts.Alerting = alerts.NO_ALERTS,
-                topic_id: str | None = None) -> BatchResult:
+                now: datetime | None = None, known: KnownLog = KnownLog(),
+                alerting: alerts.Alerting = alerts.NO_ALERTS) -> BatchResult:
     """Validate a batch and commit its rows, rejections and offsets in one transaction.
 
     The partitions' offset rows are locked first; a message below the stored offset is already
     in the database (a replay) and is dropped, so nothing is ever stored twice. A batch that
     starts above the stored offset would skip messages: it raises OffsetGap instead (nothing
-    written), unless that gap was already re-read once and confirmed (`accepted_gaps`: the
-    broker no longer holds those offsets, e.g. after retention). `topic_id` is the ID of the
-    topic the messages were read from: a partition stored under another ID is a new log, and
-    the batch starts its new source (assignment does this first, unless the database was away).
+    written), unless that gap was already re-read once and confirmed (`known.accepted_gaps`:
+    the broker no longer holds those offsets, e.g. after retention). `known.topic_id` is the ID
+    of the topic the messages were read from: a partition stored under another ID is a new log,
+    and the batch starts its new source (assignment does this first, unless the database was
+    away then).
     Fresh emergency calls are queued in the alert outbox in the same transaction when
     `alerting.outbox` is set (SPEC §4.1).
     """
     result = BatchResult(messages=len(messages))
     with load.transaction(conn) as cur:
         offsets, result.new_logs = load.claim_partitions(
-            cur, topic, list({m.partition() for m in messages}), topic_id)
+            cur, topic, list({m.partition() for m in messages}), known.topic_id)
         master = load.read_master_data(cur)
         fresh = [m for m in messages if m.offset() >= offsets[m.partition()][1]]
         result.duplicates = len(messages) - len(fresh)
@@ -131,7 +139,7 @@ def store_batch(conn, topic: str, messages: list, rules: transform.Rules,
         for message in fresh:
             first.setdefault(message.partition(), message.offset())
         gaps = {p: offsets[p][1] for p, o in first.items()
-                if o > offsets[p][1] and (p, offsets[p][1]) not in accepted_gaps}
+                if o > offsets[p][1] and (p, offsets[p][1]) not in known.accepted_gaps}
         if gaps:
             raise OffsetGap(gaps, {p: min(o, offsets[p][1]) for p, o in first.items()})
         parsed = transform.parse_messages([m.value() for m in fresh],
@@ -481,8 +489,9 @@ class KioskConsumer:
         while True:
             try:
                 result = store_batch(self._db(), self.topic, messages, self.rules,
-                                     accepted_gaps=frozenset(self.accepted_gaps),
-                                     alerting=self.alerting, topic_id=self.topic_id)
+                                     known=KnownLog(self.topic_id,
+                                                    frozenset(self.accepted_gaps)),
+                                     alerting=self.alerting)
             except (psycopg2.Error, load.DatabaseError) as exc:
                 text = load.describe_error(exc)
                 if not load.is_transient(exc):

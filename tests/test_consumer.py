@@ -917,7 +917,7 @@ def test_a_batch_that_skips_ahead_of_the_stored_offset_is_refused_then_reread(
     assert sum(table_counts(conn).values()) == 0
     assert next_offsets(conn, topic) in ({}, {0: 0})
     result = consumer.store_batch(conn, topic, batch, transform.Rules(),
-                                  accepted_gaps=frozenset({(0, 0)}))
+                                  known=consumer.KnownLog(accepted_gaps=frozenset({(0, 0)})))
     assert result.next_offsets == {0: 20}
     assert sum(table_counts(conn).values()) == 10
 
@@ -1075,15 +1075,16 @@ def test_a_batch_read_under_a_new_topic_id_starts_the_new_source_itself(
     does not begin at the new log's start is refused (OffsetGap) with nothing switched."""
     produce(kafka_settings, topic, [message(at=AT, site="1", val=3) for _ in range(20)])
     batch = read_messages(kafka_settings, topic, 0, 10)
-    first = consumer.store_batch(conn, topic, batch, transform.Rules(), topic_id="id-A")
+    log_a, log_b = consumer.KnownLog("id-A"), consumer.KnownLog("id-B")
+    first = consumer.store_batch(conn, topic, batch, transform.Rules(), known=log_a)
     assert (first.ratings, first.new_logs) == (10, [])
-    again = consumer.store_batch(conn, topic, batch, transform.Rules(), topic_id="id-A")
+    again = consumer.store_batch(conn, topic, batch, transform.Rules(), known=log_a)
     assert (again.ratings, again.duplicates) == (0, 10)           # the same log: a replay
     with pytest.raises(consumer.OffsetGap):
         consumer.store_batch(conn, topic, read_messages(kafka_settings, topic, 10, 10),
-                             transform.Rules(), topic_id="id-B")
+                             transform.Rules(), known=log_b)
     assert rows(conn, "SELECT next_offset, topic_id, epoch FROM kafka_offset") == [(10, "id-A", 0)]
-    renewed = consumer.store_batch(conn, topic, batch, transform.Rules(), topic_id="id-B")
+    renewed = consumer.store_batch(conn, topic, batch, transform.Rules(), known=log_b)
     assert (renewed.ratings, renewed.duplicates) == (10, 0)
     assert renewed.new_logs == [load.NewLog(0, 10, f"kafka://{topic}/0@1",
                                             "the topic ID is now id-B, was id-A")]
