@@ -26,7 +26,15 @@ from zoneinfo import ZoneInfo
 
 import numpy as np
 import psycopg2
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    TopicCollection,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient
 
 import alerts
 import load
@@ -86,29 +94,42 @@ class BatchResult:
     requests: int = 0
     rejected: Counter = field(default_factory=Counter)
     next_offsets: dict[int, int] = field(default_factory=dict)
+    new_logs: list[load.NewLog] = field(default_factory=list)
     emergencies: list[dict] = field(default_factory=list)  # fresh ones (alerts.emergencies_of)
     old_emergencies: int = 0          # too old to alert: a backlog being caught up
     alerts_queued: int = 0            # rows this batch added to alert_outbox
     last_event_at: dict[int, float] = field(default_factory=dict)  # site -> newest event (Unix s)
 
 
+@dataclass(frozen=True)
+class KnownLog:
+    """What the consumer knows of the topic's log besides the batch in hand."""
+
+    topic_id: str | None = None  # read at assignment (describe-topics); None: not known
+    # (partition, offset) gaps re-read once and confirmed gone from the broker (retention)
+    accepted_gaps: frozenset[tuple[int, int]] = frozenset()
+
+
 def store_batch(conn, topic: str, messages: list, rules: transform.Rules,
-                now: datetime | None = None,
-                accepted_gaps: frozenset[tuple[int, int]] = frozenset(),
+                now: datetime | None = None, known: KnownLog = KnownLog(),
                 alerting: alerts.Alerting = alerts.NO_ALERTS) -> BatchResult:
     """Validate a batch and commit its rows, rejections and offsets in one transaction.
 
     The partitions' offset rows are locked first; a message below the stored offset is already
     in the database (a replay) and is dropped, so nothing is ever stored twice. A batch that
     starts above the stored offset would skip messages: it raises OffsetGap instead (nothing
-    written), unless that gap was already re-read once and confirmed (`accepted_gaps`: the
-    broker no longer holds those offsets, e.g. after retention).
+    written), unless that gap was already re-read once and confirmed (`known.accepted_gaps`:
+    the broker no longer holds those offsets, e.g. after retention). `known.topic_id` is the ID
+    of the topic the messages were read from: a partition stored under another ID is a new log,
+    and the batch starts its new source (assignment does this first, unless the database was
+    away then).
     Fresh emergency calls are queued in the alert outbox in the same transaction when
     `alerting.outbox` is set (SPEC §4.1).
     """
     result = BatchResult(messages=len(messages))
     with load.transaction(conn) as cur:
-        offsets = load.lock_offsets(cur, topic, list({m.partition() for m in messages}))
+        offsets, result.new_logs = load.claim_partitions(
+            cur, topic, list({m.partition() for m in messages}), known.topic_id)
         master = load.read_master_data(cur)
         fresh = [m for m in messages if m.offset() >= offsets[m.partition()][1]]
         result.duplicates = len(messages) - len(fresh)
@@ -118,7 +139,7 @@ def store_batch(conn, topic: str, messages: list, rules: transform.Rules,
         for message in fresh:
             first.setdefault(message.partition(), message.offset())
         gaps = {p: offsets[p][1] for p, o in first.items()
-                if o > offsets[p][1] and (p, offsets[p][1]) not in accepted_gaps}
+                if o > offsets[p][1] and (p, offsets[p][1]) not in known.accepted_gaps}
         if gaps:
             raise OffsetGap(gaps, {p: min(o, offsets[p][1]) for p, o in first.items()})
         parsed = transform.parse_messages([m.value() for m in fresh],
@@ -156,11 +177,6 @@ def newest_event_per_site(outcome: transform.Outcome, master: transform.MasterDa
     site_of = {exhibition: site for site, exhibition in master.exhibitions.items()}
     return {site_of[int(e)]: int(micros[ids == e].max()) / 1e6 for e in np.unique(ids)
             if int(e) in site_of}
-
-
-def read_positions(conn, topic: str, partitions: list[int]) -> dict[int, int]:
-    with load.transaction(conn) as cur:
-        return load.stored_offsets(cur, topic, partitions)
 
 
 class Metrics:
@@ -313,6 +329,8 @@ class KioskConsumer:
                   "error_cb": self._on_error, "logger": LibrdkafkaLog(self._on_handshake_failure),
                   "statistics.interval.ms": 1000, "stats_cb": self._on_stats}
         self.consumer = Consumer(config)
+        self.admin: AdminClient | None = None  # topic IDs, read at assignment
+        self.topic_id: str | None = None
 
     # ---- signals and callbacks
     def request_stop(self, signum=None, frame=None) -> None:
@@ -365,7 +383,7 @@ class KioskConsumer:
     def _on_assign(self, consumer, partitions: list[TopicPartition]) -> None:
         wanted = [p.partition for p in partitions]
         try:
-            stored = read_positions(self._db(), self.topic, wanted)
+            stored = self._claim(consumer, wanted)
         except (psycopg2.Error, load.DatabaseError) as exc:
             # Kafka's committed offsets trail the database's, and store_batch drops anything
             # already stored, so starting from them is safe, only slower.
@@ -375,13 +393,61 @@ class KioskConsumer:
             stored = None
         for p in partitions:
             if stored is not None:
-                p.offset = stored.get(p.partition, OFFSET_BEGINNING)
+                p.offset = stored.get(p.partition) or OFFSET_BEGINNING
         consumer.assign(partitions)
         self.assigned |= set(wanted)
         self.at_end -= set(wanted)
         log.info("assigned %s partitions %s, starting at %s", self.topic, sorted(wanted),
                  {p.partition: ("earliest" if p.offset == OFFSET_BEGINNING else p.offset)
                   for p in partitions} if stored is not None else "committed offsets")
+
+    def _claim(self, consumer, partitions: list[int]) -> dict[int, int]:
+        """The database's next offset per partition, for the log the broker holds now: a
+        partition of a recreated topic starts a new source from its beginning (SPEC §3.1)."""
+        self.topic_id, no_ids = self._topic_id()
+        ends = self._log_ends(consumer, partitions) if no_ids else None
+        with load.transaction(self._db()) as cur:
+            offsets, new_logs = load.assigned_offsets(cur, self.topic, partitions,
+                                                      self.topic_id, ends)
+        self._warn_new_logs(new_logs)
+        return offsets
+
+    def _warn_new_logs(self, new_logs: list[load.NewLog]) -> None:
+        for new in new_logs:
+            log.warning("%s partition %d was recreated (%s): stored offset %d belongs to the old "
+                        "log, whose rows stay as they are; reading the new log from its "
+                        "beginning as source %s", self.topic, new.partition, new.why,
+                        new.old_offset, new.uri)
+
+    def _topic_id(self) -> tuple[str | None, bool]:
+        """(the topic's ID, True when the broker has no IDs). (None, False) when describe-topics
+        failed: no log is judged new on a guess."""
+        if self.admin is None:
+            self.admin = AdminClient({**self.settings.kafka.client_config(),
+                                      "logger": _librdkafka_logger()})
+        try:
+            found = self.admin.describe_topics(TopicCollection([self.topic]))[self.topic]
+            uuid = found.result(timeout=10).topic_id
+        except (KafkaException, TimeoutError) as exc:
+            log.info("could not read the topic ID of %s (%s); keeping the stored offsets",
+                     self.topic, first_line(exc))
+            return None, False
+        if uuid is None or not (uuid.get_most_significant_bits() or
+                                uuid.get_least_significant_bits()):  # the zero UUID: no IDs
+            return None, True
+        return str(uuid), False
+
+    def _log_ends(self, consumer, partitions: list[int]) -> dict[int, int]:
+        """Each partition's high watermark; trusted only where the broker has no topic IDs
+        (Tansu, which has them, reports it too low: SPEC §5)."""
+        ends = {}
+        for partition in partitions:
+            try:
+                ends[partition] = consumer.get_watermark_offsets(
+                    TopicPartition(self.topic, partition), timeout=5)[1]
+            except KafkaException as exc:
+                log.info("no log end for %s partition %d (%s)", self.topic, partition, exc)
+        return ends
 
     def _on_revoke(self, consumer, partitions: list[TopicPartition]) -> None:
         # Nothing to flush: each batch is stored before the next consume(), so the database
@@ -423,7 +489,8 @@ class KioskConsumer:
         while True:
             try:
                 result = store_batch(self._db(), self.topic, messages, self.rules,
-                                     accepted_gaps=frozenset(self.accepted_gaps),
+                                     known=KnownLog(self.topic_id,
+                                                    frozenset(self.accepted_gaps)),
                                      alerting=self.alerting)
             except (psycopg2.Error, load.DatabaseError) as exc:
                 text = load.describe_error(exc)
@@ -558,6 +625,7 @@ class KioskConsumer:
         self._add(result)
         self.stored_next.update(result.next_offsets)
         self.metrics.observe(result, seconds)
+        self._warn_new_logs(result.new_logs)
         for call in result.emergencies:
             log.warning("EMERGENCY call at %s (site %d) at %s", call["exhibition"], call["site"],
                         call["at"])

@@ -184,31 +184,61 @@ def read_master_data(cur) -> MasterData:
     return MasterData(exhibitions, ratings, requests, names)
 
 
-UPSERT_DEPARTMENT = """
-INSERT INTO department (department_name) VALUES (%s)
-ON CONFLICT (department_name) DO UPDATE SET department_name = EXCLUDED.department_name
-RETURNING department_id"""
-UPSERT_FLOOR = """
-INSERT INTO floor (floor_name) VALUES (%s)
-ON CONFLICT (floor_name) DO UPDATE SET floor_name = EXCLUDED.floor_name
-RETURNING floor_id"""
-UPSERT_EXHIBITION = """
+# An `INSERT ... ON CONFLICT` draws an identity value even when it inserts nothing, and these keys
+# are SMALLINT: a run over an unchanged bucket must draw none (SPEC §3.1). So every master row
+# is looked up first and inserted only when missing (WHERE NOT EXISTS); the ON CONFLICT left is
+# for a concurrent inserter, the only case that still draws a value. Then the insert returns
+# nothing (the row was not there when the statement began), and running it again finds it.
+ENSURE_DEPARTMENT = """
+WITH found AS (SELECT department_id FROM department WHERE department_name = %(name)s),
+inserted AS (
+    INSERT INTO department (department_name) SELECT %(name)s WHERE NOT EXISTS (SELECT FROM found)
+    ON CONFLICT (department_name) DO NOTHING RETURNING department_id)
+SELECT department_id FROM found UNION ALL SELECT department_id FROM inserted"""
+ENSURE_FLOOR = """
+WITH found AS (SELECT floor_id FROM floor WHERE floor_name = %(name)s),
+inserted AS (
+    INSERT INTO floor (floor_name) SELECT %(name)s WHERE NOT EXISTS (SELECT FROM found)
+    ON CONFLICT (floor_name) DO NOTHING RETURNING floor_id)
+SELECT floor_id FROM found UNION ALL SELECT floor_id FROM inserted"""
+INSERT_EXHIBITION = """
 INSERT INTO exhibition (exhibition_name, exhibition_description, department_id, floor_id,
                         exhibition_start_date, public_id, site)
-VALUES (%(name)s, %(description)s, %(department_id)s, %(floor_id)s, %(start_date)s,
-        %(public_id)s, %(site)s)
-ON CONFLICT (public_id) DO UPDATE SET
-    exhibition_name = EXCLUDED.exhibition_name,
-    exhibition_description = EXCLUDED.exhibition_description,
-    department_id = EXCLUDED.department_id,
-    floor_id = EXCLUDED.floor_id,
-    exhibition_start_date = EXCLUDED.exhibition_start_date
-WHERE (exhibition.exhibition_name, exhibition.exhibition_description, exhibition.department_id,
-       exhibition.floor_id, exhibition.exhibition_start_date)
-      IS DISTINCT FROM (EXCLUDED.exhibition_name, EXCLUDED.exhibition_description,
-                        EXCLUDED.department_id, EXCLUDED.floor_id,
-                        EXCLUDED.exhibition_start_date)
-RETURNING (xmax = 0) AS inserted"""
+SELECT %(name)s, %(description)s, %(department_id)s, %(floor_id)s, %(start_date)s,
+       %(public_id)s, %(site)s
+WHERE NOT EXISTS (SELECT 1 FROM exhibition WHERE public_id = %(public_id)s)
+ON CONFLICT (public_id) DO NOTHING"""
+UPDATE_EXHIBITION = """
+UPDATE exhibition SET
+    exhibition_name = %(name)s, exhibition_description = %(description)s,
+    department_id = %(department_id)s, floor_id = %(floor_id)s,
+    exhibition_start_date = %(start_date)s
+WHERE public_id = %(public_id)s
+  AND (exhibition_name, exhibition_description, department_id, floor_id, exhibition_start_date)
+      IS DISTINCT FROM (%(name)s::VARCHAR, %(description)s::TEXT, %(department_id)s::SMALLINT,
+                        %(floor_id)s::SMALLINT, %(start_date)s::DATE)"""
+
+
+def ensured_key(cur) -> int | None:
+    """The key an ENSURE_* statement just found or inserted; None after a concurrent insert."""
+    row = cur.fetchone()
+    return None if row is None else row[0]
+
+
+def department_id(cur, name: str) -> int:
+    for _ in range(2):  # the second time finds a concurrent inserter's committed row
+        cur.execute(ENSURE_DEPARTMENT, {"name": name})
+        if (key := ensured_key(cur)) is not None:
+            return key
+    raise DatabaseError(f"department {name!r} vanished while being added")
+
+
+def floor_id(cur, name: str) -> int:
+    for _ in range(2):
+        cur.execute(ENSURE_FLOOR, {"name": name})
+        if (key := ensured_key(cur)) is not None:
+            return key
+    raise DatabaseError(f"floor {name!r} vanished while being added")
 
 
 def upsert_exhibition(cur, exhibition: Exhibition) -> str:
@@ -216,30 +246,36 @@ def upsert_exhibition(cur, exhibition: Exhibition) -> str:
 
     Returns "added", "updated" or "unchanged", so the run log says what really changed.
     """
-    cur.execute(UPSERT_DEPARTMENT, (exhibition.department,))
-    department_id = cur.fetchone()[0]
-    cur.execute(UPSERT_FLOOR, (exhibition.floor,))
-    floor_id = cur.fetchone()[0]
-    cur.execute(UPSERT_EXHIBITION, {"name": exhibition.name, "description": exhibition.description,
-                                    "department_id": department_id, "floor_id": floor_id,
-                                    "start_date": exhibition.start_date,
-                                    "public_id": exhibition.public_id, "site": exhibition.site})
-    row = cur.fetchone()
-    if row is None:
-        return "unchanged"
-    return "added" if row[0] else "updated"
+    params = {"name": exhibition.name, "description": exhibition.description,
+              "department_id": department_id(cur, exhibition.department),
+              "floor_id": floor_id(cur, exhibition.floor),
+              "start_date": exhibition.start_date, "public_id": exhibition.public_id,
+              "site": exhibition.site}
+    cur.execute(INSERT_EXHIBITION, params)
+    if cur.rowcount:
+        return "added"
+    cur.execute(UPDATE_EXHIBITION, params)  # also after a concurrent insert: ours wins
+    return "updated" if cur.rowcount else "unchanged"
 
 
 # --------------------------------------------------------------------------- provenance
-UPSERT_SOURCE = """
-INSERT INTO event_source (kind, uri) VALUES (%s, %s)
-ON CONFLICT (uri) DO UPDATE SET kind = EXCLUDED.kind
-RETURNING source_id"""
+ENSURE_SOURCE = """
+WITH found AS (SELECT source_id FROM event_source WHERE uri = %(uri)s),
+inserted AS (
+    INSERT INTO event_source (kind, uri) SELECT %(kind)s, %(uri)s
+    WHERE NOT EXISTS (SELECT FROM found)
+    ON CONFLICT (uri) DO NOTHING RETURNING source_id)
+SELECT source_id FROM found UNION ALL SELECT source_id FROM inserted"""
 
 
 def source_id(cur, kind: str, uri: str) -> int:
-    cur.execute(UPSERT_SOURCE, (kind, uri))
-    return cur.fetchone()[0]
+    """The source of an S3 object or Kafka partition log; a known one draws no identity value
+    (an object reloaded every minute, a consumer batch ten times a second: SPEC §3.1)."""
+    for _ in range(2):
+        cur.execute(ENSURE_SOURCE, {"kind": kind, "uri": uri})
+        if (key := ensured_key(cur)) is not None:
+            return key
+    raise DatabaseError(f"source {uri} vanished while being added")
 
 
 def lock_source(cur, source: int) -> None:
@@ -481,8 +517,10 @@ class BackgroundCopy:
 
 
 # --------------------------------------------------------------------------- Kafka offsets
-def kafka_source_uri(topic: str, partition: int) -> str:
-    return f"kafka://{topic}/{partition}"
+def kafka_source_uri(topic: str, partition: int, epoch: int = 0) -> str:
+    """The source of one partition's log. A recreated topic's log is a new epoch (`@1`, `@2`):
+    its offsets start from 0 again, and its rows must not collide with the old log's."""
+    return f"kafka://{topic}/{partition}" + (f"@{epoch}" if epoch else "")
 
 
 def stored_offsets(cur, topic: str, partitions: list[int]) -> dict[int, int]:
@@ -492,18 +530,116 @@ def stored_offsets(cur, topic: str, partitions: list[int]) -> dict[int, int]:
     return dict(cur.fetchall())
 
 
+# `*`, read by column name: a lock wait's log line shows the statement's first 60 characters,
+# which then name the table (load.describe_error).
+LOCK_OFFSET = "SELECT * FROM kafka_offset WHERE topic = %s AND partition = %s FOR UPDATE"
+INSERT_OFFSET = """
+INSERT INTO kafka_offset (source_id, topic, partition, next_offset, topic_id)
+VALUES (%s, %s, %s, 0, %s) ON CONFLICT DO NOTHING"""
+
+
+def _locked_offset(cur, topic: str, partition: int, topic_id: str | None = None) -> tuple:
+    """Lock a partition's offset row, creating it (offset 0) when missing; no identity value is
+    drawn for a known partition. (source_id, next_offset, topic_id, epoch)."""
+    cur.execute(LOCK_OFFSET, (topic, partition))
+    row = cur.fetchone()
+    if row is None:
+        source = source_id(cur, "kafka", kafka_source_uri(topic, partition))
+        cur.execute(INSERT_OFFSET, (source, topic, partition, topic_id))
+        cur.execute(LOCK_OFFSET, (topic, partition))  # ours, or a concurrent consumer's
+        row = cur.fetchone()
+    found = dict(zip((column.name for column in cur.description), row))
+    return found["source_id"], found["next_offset"], found["topic_id"], found["epoch"]
+
+
 def lock_offsets(cur, topic: str, partitions: list[int]) -> dict[int, tuple[int, int]]:
     """Lock (creating if needed) each partition's offset row; partition -> (source_id, next)."""
-    out = {}
+    return claim_partitions(cur, topic, partitions, None)[0]
+
+
+@dataclass(frozen=True)
+class NewLog:
+    """A partition whose stored offsets belong to a log that is gone (the topic was recreated)."""
+
+    partition: int
+    old_offset: int
+    uri: str       # the new epoch's source
+    why: str
+
+
+START_EPOCH = """
+UPDATE kafka_offset SET source_id = %s, next_offset = 0, topic_id = %s, epoch = %s,
+                        updated_at = now()
+WHERE source_id = %s"""
+
+
+def claim_partitions(cur, topic: str, partitions: list[int], topic_id: str | None,
+                     log_ends: dict[int, int] | None = None
+                     ) -> tuple[dict[int, tuple[int, int]], list[NewLog]]:
+    """Lock each partition's offset row for the log the broker holds now (SPEC §3.1);
+    partition -> (source_id, next offset), and the partitions found to be new logs.
+
+    A stored offset means something only for the log it was read from. When the topic's ID
+    differs from the stored one (or, on a broker without IDs, the stored offset lies beyond the
+    log's end, `log_ends`), the partition starts a new epoch: a new source, offset 0. The old
+    log's rows and source stay as they are. Rows are locked, so two consumers racing through a
+    rebalance start one epoch, not two. A stored NULL ID (a database from before IDs) adopts
+    the broker's.
+    """
+    offsets, new_logs = {}, []
     for partition in sorted(partitions):
-        source = source_id(cur, "kafka", kafka_source_uri(topic, partition))
-        cur.execute("INSERT INTO kafka_offset (source_id, topic, partition, next_offset) "
-                    "VALUES (%s, %s, %s, 0) ON CONFLICT (source_id) DO NOTHING",
-                    (source, topic, partition))
-        cur.execute("SELECT next_offset FROM kafka_offset WHERE source_id = %s FOR UPDATE",
-                    (source,))
-        out[partition] = (source, cur.fetchone()[0])
-    return out
+        source, next_offset, stored_id, epoch = _locked_offset(cur, topic, partition, topic_id)
+        why = _log_replaced(stored_id, topic_id, next_offset, (log_ends or {}).get(partition))
+        if why:
+            uri = kafka_source_uri(topic, partition, epoch + 1)
+            old_source, source = source, source_id(cur, "kafka", uri)
+            cur.execute(START_EPOCH, (source, topic_id, epoch + 1, old_source))
+            new_logs.append(NewLog(partition, next_offset, uri, why))
+            next_offset = 0
+        elif topic_id is not None and stored_id is None:
+            cur.execute("UPDATE kafka_offset SET topic_id = %s WHERE source_id = %s",
+                        (topic_id, source))
+        offsets[partition] = (source, next_offset)
+    return offsets, new_logs
+
+
+STORED_LOGS = """
+SELECT partition, next_offset, topic_id FROM kafka_offset WHERE topic = %s AND partition = ANY(%s)"""
+
+
+def assigned_offsets(cur, topic: str, partitions: list[int], topic_id: str | None,
+                     log_ends: dict[int, int] | None = None) -> tuple[dict[int, int], list[NewLog]]:
+    """Next offset per partition at assignment (missing: never read), new logs started.
+
+    Read without locks: a frozen zombie consumer may hold a partition's row in its batch
+    transaction, and a rebalance must not wait for it. Only a partition that is a new log is
+    claimed (locked and switched); adopting an ID into a row without one is left to the
+    partition's next batch, which locks the row anyway.
+    """
+    cur.execute(STORED_LOGS, (topic, partitions))
+    stored = {partition: (next_offset, stored_id)
+              for partition, next_offset, stored_id in cur.fetchall()}
+    offsets = {partition: next_offset for partition, (next_offset, _) in stored.items()}
+    renew = [partition for partition, (next_offset, stored_id) in stored.items()
+             if _log_replaced(stored_id, topic_id, next_offset, (log_ends or {}).get(partition))]
+    if not renew:
+        return offsets, []
+    claimed, new_logs = claim_partitions(cur, topic, renew, topic_id, log_ends)
+    offsets.update({partition: next_offset for partition, (_, next_offset) in claimed.items()})
+    return offsets, new_logs
+
+
+def _log_replaced(stored_id: str | None, topic_id: str | None, next_offset: int,
+                  log_end: int | None) -> str | None:
+    """Why the stored offset belongs to another log, or None. The log's end is trusted only
+    where the broker has no topic IDs: Tansu reports it too low (SPEC §5)."""
+    if topic_id is not None:
+        if stored_id is not None and stored_id != topic_id:
+            return f"the topic ID is now {topic_id}, was {stored_id}"
+        return None
+    if log_end is not None and next_offset > log_end:
+        return f"the stored offset {next_offset} is beyond the log's end {log_end}"
+    return None
 
 
 def advance_offset(cur, source: int, next_offset: int) -> None:

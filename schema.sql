@@ -7,6 +7,21 @@
 
 SET client_min_messages = warning;
 
+-- Keys for a long life (SPEC §3.1: 10 years at one batch run a minute and ten consumer batches a
+-- second). An identity value is drawn only when a row is really new: master rows, sources and
+-- offsets are looked up first and inserted only when missing (load.py ENSURE_*, the seed below),
+-- because `INSERT ... ON CONFLICT` draws a value even when it inserts nothing.
+--   department, floor, exhibition, rating, request: SMALLINT (32,767 values), one per new
+--     name, site or button; reruns draw none (each drew 6 before: gone after 5,450 runs).
+--   event_source.source_id: INT (2,147,483,647), one per S3 object key ever seen (a reload
+--     reuses it) and one per Kafka partition and topic epoch. A new object every minute for 10
+--     years is 5.3 million: 0.25 % of the range.
+--   rating_interaction_id, request_interaction_id, rejected_event_id: BIGINT (9.2e18), one per
+--     row stored (reloads store again) plus up to 1,000 lost per session (CACHE 1000). Ten
+--     batches a second of 20,000 messages for 10 years is 6.3e13 rows; a 1,000,000-row object
+--     reloaded every minute 5.3e12; 5.3 million batch runs lose at most 5.3e9 to the cache:
+--     under 1e14 in all, 1/90,000 of the range.
+
 -- ---------------------------------------------------------------- master data
 CREATE TABLE IF NOT EXISTS department (
     department_id   SMALLINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -75,6 +90,13 @@ CREATE TABLE IF NOT EXISTS kafka_offset (
     updated_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
     UNIQUE (topic, partition)
 );
+-- Which log the offset belongs to (SPEC §3.1): a deleted and recreated topic has a new ID and
+-- its offsets start from 0 again, so its partitions become new sources (epoch 1, 2, ...: uri
+-- kafka://topic/partition@epoch) whose positions never collide with the old log's rows.
+-- topic_id is NULL where the broker reports no topic IDs. Added here, not above, so that
+-- `psql -f schema.sql` upgrades an existing database.
+ALTER TABLE kafka_offset ADD COLUMN IF NOT EXISTS topic_id TEXT;
+ALTER TABLE kafka_offset ADD COLUMN IF NOT EXISTS epoch INT NOT NULL DEFAULT 0 CHECK (epoch >= 0);
 
 -- ---------------------------------------------------------------- events
 -- An event is identified by its provenance (SPEC §3): the primary key is (source_id, position),
@@ -281,43 +303,77 @@ CREATE INDEX IF NOT EXISTS alert_outbox_pending_idx ON alert_outbox (created_at,
     WHERE sent_at IS NULL;
 
 -- ---------------------------------------------------------------- seed master data
+-- Each seed row is inserted only when missing (WHERE NOT EXISTS) and updated only when it
+-- differs: an `INSERT ... ON CONFLICT` draws an identity value even when it inserts nothing,
+-- and these SMALLINT keys would run out after some 5,000 applications of this file.
 INSERT INTO department (department_name)
-VALUES ('Entomology'), ('Geology'), ('Paleontology'), ('Zoology'), ('Ecology')
+SELECT s.name FROM (VALUES ('Entomology'), ('Geology'), ('Paleontology'), ('Zoology'),
+                           ('Ecology')) AS s (name)
+WHERE NOT EXISTS (SELECT 1 FROM department d WHERE d.department_name = s.name)
 ON CONFLICT (department_name) DO NOTHING;
 
 INSERT INTO floor (floor_name)
-VALUES ('Vault'), ('1'), ('2'), ('3')
+SELECT s.name FROM (VALUES ('Vault'), ('1'), ('2'), ('3')) AS s (name)
+WHERE NOT EXISTS (SELECT 1 FROM floor f WHERE f.floor_name = s.name)
 ON CONFLICT (floor_name) DO NOTHING;
 
+WITH seed (value, description) AS (
+    VALUES (0, 'Terrible'), (1, 'Bad'), (2, 'Neutral'), (3, 'Good'), (4, 'Amazing')
+), updated AS (
+    UPDATE rating r SET rating_description = s.description FROM seed s
+    WHERE r.rating_value = s.value AND r.rating_description <> s.description
+)
 INSERT INTO rating (rating_value, rating_description)
-VALUES (0, 'Terrible'), (1, 'Bad'), (2, 'Neutral'), (3, 'Good'), (4, 'Amazing')
-ON CONFLICT (rating_value) DO UPDATE SET rating_description = EXCLUDED.rating_description;
+SELECT s.value, s.description FROM seed s
+WHERE NOT EXISTS (SELECT 1 FROM rating r WHERE r.rating_value = s.value)
+ORDER BY s.value
+ON CONFLICT (rating_value) DO NOTHING;
 
+WITH seed (value, description) AS (
+    VALUES (0, 'Assistance'), (1, 'Emergency')
+), updated AS (
+    UPDATE request r SET request_description = s.description FROM seed s
+    WHERE r.request_value = s.value AND r.request_description <> s.description
+)
 INSERT INTO request (request_value, request_description)
-VALUES (0, 'Assistance'), (1, 'Emergency')
-ON CONFLICT (request_value) DO UPDATE SET request_description = EXCLUDED.request_description;
+SELECT s.value, s.description FROM seed s
+WHERE NOT EXISTS (SELECT 1 FROM request r WHERE r.request_value = s.value)
+ORDER BY s.value
+ON CONFLICT (request_value) DO NOTHING;
 
+WITH seed AS (
+    SELECT s.name, s.description, d.department_id, f.floor_id, s.start_date, s.public_id
+    FROM (VALUES
+        ('Measureless to Man', 'An immersive 3D experience: delve deep into a previously-inaccessible cave system.', 'Geology', '1', DATE '2021-08-23', 'EXH_00'),
+        ('Adaptation', 'How insect evolution has kept pace with an industrialised world', 'Entomology', 'Vault', DATE '2019-07-01', 'EXH_01'),
+        ('The Crenshaw Collection', 'An exhibition of 18th Century watercolours, mostly focused on South American wildlife.', 'Zoology', '2', DATE '2021-03-03', 'EXH_02'),
+        ('Cetacean Sensations', 'Whales: from ancient myth to critically endangered.', 'Zoology', '1', DATE '2019-07-01', 'EXH_03'),
+        ('Our Polluted World', 'A hard-hitting exploration of humanity''s impact on the environment.', 'Ecology', '3', DATE '2021-05-12', 'EXH_04'),
+        ('Thunder Lizards', 'How new research is making scientists rethink what dinosaurs really looked like.', 'Paleontology', '1', DATE '2023-02-01', 'EXH_05')
+    ) AS s (name, description, department, floor, start_date, public_id)
+    JOIN department d ON d.department_name = s.department
+    JOIN floor f ON f.floor_name = s.floor
+), updated AS (
+    UPDATE exhibition e SET
+        exhibition_name = s.name,
+        exhibition_description = s.description,
+        department_id = s.department_id,
+        floor_id = s.floor_id,
+        exhibition_start_date = s.start_date
+    FROM seed s
+    WHERE e.public_id = s.public_id
+      AND (e.exhibition_name, e.exhibition_description, e.department_id, e.floor_id,
+           e.exhibition_start_date)
+          IS DISTINCT FROM (s.name, s.description, s.department_id, s.floor_id, s.start_date)
+)
 INSERT INTO exhibition (exhibition_name, exhibition_description, department_id, floor_id,
                         exhibition_start_date, public_id, site)
-SELECT s.name, s.description, d.department_id, f.floor_id, s.start_date, s.public_id,
+SELECT s.name, s.description, s.department_id, s.floor_id, s.start_date, s.public_id,
        substring(s.public_id FROM 5)::INT
-FROM (VALUES
-    ('Measureless to Man', 'An immersive 3D experience: delve deep into a previously-inaccessible cave system.', 'Geology', '1', DATE '2021-08-23', 'EXH_00'),
-    ('Adaptation', 'How insect evolution has kept pace with an industrialised world', 'Entomology', 'Vault', DATE '2019-07-01', 'EXH_01'),
-    ('The Crenshaw Collection', 'An exhibition of 18th Century watercolours, mostly focused on South American wildlife.', 'Zoology', '2', DATE '2021-03-03', 'EXH_02'),
-    ('Cetacean Sensations', 'Whales: from ancient myth to critically endangered.', 'Zoology', '1', DATE '2019-07-01', 'EXH_03'),
-    ('Our Polluted World', 'A hard-hitting exploration of humanity''s impact on the environment.', 'Ecology', '3', DATE '2021-05-12', 'EXH_04'),
-    ('Thunder Lizards', 'How new research is making scientists rethink what dinosaurs really looked like.', 'Paleontology', '1', DATE '2023-02-01', 'EXH_05')
-) AS s (name, description, department, floor, start_date, public_id)
-JOIN department d ON d.department_name = s.department
-JOIN floor f ON f.floor_name = s.floor
+FROM seed s
+WHERE NOT EXISTS (SELECT 1 FROM exhibition e WHERE e.public_id = s.public_id)
 ORDER BY s.public_id
-ON CONFLICT (public_id) DO UPDATE SET
-    exhibition_name = EXCLUDED.exhibition_name,
-    exhibition_description = EXCLUDED.exhibition_description,
-    department_id = EXCLUDED.department_id,
-    floor_id = EXCLUDED.floor_id,
-    exhibition_start_date = EXCLUDED.exhibition_start_date;
+ON CONFLICT (public_id) DO NOTHING;
 
 -- ---------------------------------------------------------------- the seed's views
 CREATE OR REPLACE VIEW exhibition_info AS

@@ -40,3 +40,16 @@ def run_consumer_in_process(*argv: str) -> int:
     finally:
         for s, handler in saved.items():
             signal.signal(s, handler)
+
+
+IDENTITY_VALUES_SQL = """
+SELECT table_name || '.' || column_name,
+       pg_sequence_last_value(pg_get_serial_sequence(quote_ident(table_name), column_name))
+FROM information_schema.columns
+WHERE table_schema = current_schema() AND is_identity = 'YES'"""
+
+
+def identity_values(conn) -> dict[str, int | None]:
+    """Last value drawn from every identity column's sequence (None: never drawn): a run that
+    finds nothing new must leave every one where it was (SPEC §3.1)."""
+    return dict(rows(conn, IDENTITY_VALUES_SQL))

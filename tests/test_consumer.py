@@ -27,7 +27,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import KafkaException, Producer
 from psycopg2 import sql
 
 import consumer
@@ -36,7 +36,7 @@ import localstack
 import sample_data
 import transform
 from conftest import admin_connection, create_topic
-from helpers import reason_counts, rows, run_consumer_in_process, scalar, table_counts
+from helpers import identity_values, reason_counts, rows, run_consumer_in_process, scalar, table_counts
 from settings import Settings
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -917,7 +917,7 @@ def test_a_batch_that_skips_ahead_of_the_stored_offset_is_refused_then_reread(
     assert sum(table_counts(conn).values()) == 0
     assert next_offsets(conn, topic) in ({}, {0: 0})
     result = consumer.store_batch(conn, topic, batch, transform.Rules(),
-                                  accepted_gaps=frozenset({(0, 0)}))
+                                  known=consumer.KnownLog(accepted_gaps=frozenset({(0, 0)})))
     assert result.next_offsets == {0: 20}
     assert sum(table_counts(conn).values()) == 10
 
@@ -962,3 +962,133 @@ def test_stop_at_end_reads_a_rewound_range_before_stopping(kafka_settings, topic
     assert not worker.stopping, "stopped by the watchdog, not at the end"
     assert next_offsets(conn, topic) == {0: 20}
     assert_exact(conn, topic, placed)
+
+
+def read_messages(kafka_settings, topic: str, start: int, count: int) -> list:
+    """`count` messages of partition 0 from offset `start`, as a consumer batch holds them."""
+    from confluent_kafka import Consumer, TopicPartition
+    reader = Consumer({**kafka_settings.client_config(), "group.id": group_name(),
+                       "enable.auto.commit": False})
+    reader.assign([TopicPartition(topic, 0, start)])
+    batch: list = []
+    deadline = time.monotonic() + 30
+    while len(batch) < count and time.monotonic() < deadline:
+        batch += [m for m in reader.consume(count - len(batch), 1.0) if m.error() is None]
+    reader.close()
+    assert [m.offset() for m in batch] == list(range(start, start + count))
+    return batch
+
+
+def test_batches_over_known_partitions_draw_no_identity_value(kafka_settings, topic, conn):
+    """SPEC §3.1: ten batches a second for ten years must not exhaust event_source's INT key;
+    only the partition's first batch creates (draws) its source."""
+    produce(kafka_settings, topic, [message(at=AT, site="1", val=3) for _ in range(30)])
+    consumer.store_batch(conn, topic, read_messages(kafka_settings, topic, 0, 10),
+                         transform.Rules())
+    drawn = {k: v for k, v in identity_values(conn).items()
+             if not k.startswith(("rating_interaction.", "request_interaction."))}
+    for start in (10, 20):
+        result = consumer.store_batch(conn, topic, read_messages(kafka_settings, topic, start, 10),
+                                      transform.Rules())
+        assert result.ratings == 10
+    assert {k: v for k, v in identity_values(conn).items() if k in drawn} == drawn
+    assert scalar(conn, "SELECT count(*) FROM event_source") == 1
+
+
+EVENTS_BY_SOURCE_SQL = """
+SELECT s.uri, t.position, t.outcome
+FROM (SELECT source_id, position, 'rating' AS outcome FROM rating_interaction
+      UNION ALL SELECT source_id, position, 'request' FROM request_interaction
+      UNION ALL SELECT source_id, position, reason FROM rejected_event) t
+JOIN event_source s USING (source_id)
+ORDER BY 1, 2"""
+
+
+def recreate_topic(kafka, topic: str) -> None:
+    """Delete the topic and create it again: what a restart of the memory-only local broker
+    does (SPEC §5), and what an operator's delete and create does on any broker."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+    admin = AdminClient(kafka.client_config())
+    admin.delete_topics([topic])[topic].result(timeout=15)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(timeout=15)
+            return
+        except KafkaException:  # deletion still under way
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def topic_id(kafka, topic: str) -> str:
+    from confluent_kafka import TopicCollection
+    from confluent_kafka.admin import AdminClient
+    admin = AdminClient(kafka.client_config())
+    return str(admin.describe_topics(TopicCollection([topic]))[topic].result(timeout=10).topic_id)
+
+
+def test_a_recreated_topic_is_read_from_its_beginning_as_a_new_source(
+        kafka_settings, topic, service_env, conn, spawn):
+    """SPEC §3.1: after the topic is deleted and created again its offsets start from 0. The
+    stored offset 100 means nothing there: before, the consumer sought to it and waited for
+    ever (Tansu), or dropped the new messages as "already stored" (Kafka)."""
+    group = group_name()
+    first = produce(kafka_settings, topic, sample_data.generate_messages(100, seed=3))
+    assert run_consumer_in_process("--topic", topic, "--group", group, "--stop-at-end") == 0
+    old_rows = rows(conn, EVENTS_BY_SOURCE_SQL)
+    assert len(old_rows) == 100
+    old_id = topic_id(kafka_settings, topic)
+    assert rows(conn, "SELECT next_offset, topic_id, epoch FROM kafka_offset") == [
+        (100, old_id, 0)]
+
+    recreate_topic(kafka_settings, topic)
+    assert topic_id(kafka_settings, topic) != old_id
+    second = produce(kafka_settings, topic, sample_data.generate_messages(50, seed=4))
+    proc = spawn("--topic", topic, "--group", group, "--stop-at-end")
+    try:
+        assert proc.wait(60) == 0, log_text(proc)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"--stop-at-end never stopped:\n{log_text(proc)[-3000:]}") from None
+
+    text = log_text(proc)
+    warnings = [line for line in text.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1, text
+    assert "was recreated" in warnings[0] and f"kafka://{topic}/0@1" in warnings[0], warnings
+    assert "already stored" not in text
+    stored = rows(conn, EVENTS_BY_SOURCE_SQL)
+    assert [r for r in stored if r[0] == f"kafka://{topic}/0"] == old_rows   # untouched
+    assert {(0, o): outcome for uri, o, outcome in stored if uri == f"kafka://{topic}/0"} \
+        == expected_outcomes(first)
+    new_log = {(0, o): outcome for uri, o, outcome in stored if uri == f"kafka://{topic}/0@1"}
+    assert new_log == expected_outcomes(second)
+    assert len(stored) == 150
+    assert rows(conn, "SELECT next_offset, topic_id, epoch FROM kafka_offset") == [
+        (50, topic_id(kafka_settings, topic), 1)]
+    assert set(rows(conn, "SELECT DISTINCT source FROM rejected_event")) <= {(f"kafka://{topic}",)}
+
+
+def test_a_batch_read_under_a_new_topic_id_starts_the_new_source_itself(
+        kafka_settings, topic, conn):
+    """Where assignment could not check the log (the database was away then), the batch does:
+    its messages are stored under a new epoch, not dropped as "already stored"; a batch that
+    does not begin at the new log's start is refused (OffsetGap) with nothing switched."""
+    produce(kafka_settings, topic, [message(at=AT, site="1", val=3) for _ in range(20)])
+    batch = read_messages(kafka_settings, topic, 0, 10)
+    log_a, log_b = consumer.KnownLog("id-A"), consumer.KnownLog("id-B")
+    first = consumer.store_batch(conn, topic, batch, transform.Rules(), known=log_a)
+    assert (first.ratings, first.new_logs) == (10, [])
+    again = consumer.store_batch(conn, topic, batch, transform.Rules(), known=log_a)
+    assert (again.ratings, again.duplicates) == (0, 10)           # the same log: a replay
+    with pytest.raises(consumer.OffsetGap):
+        consumer.store_batch(conn, topic, read_messages(kafka_settings, topic, 10, 10),
+                             transform.Rules(), known=log_b)
+    assert rows(conn, "SELECT next_offset, topic_id, epoch FROM kafka_offset") == [(10, "id-A", 0)]
+    renewed = consumer.store_batch(conn, topic, batch, transform.Rules(), known=log_b)
+    assert (renewed.ratings, renewed.duplicates) == (10, 0)
+    assert renewed.new_logs == [load.NewLog(0, 10, f"kafka://{topic}/0@1",
+                                            "the topic ID is now id-B, was id-A")]
+    assert rows(conn, "SELECT uri, count(*) FROM rating_interaction JOIN event_source "
+                      "USING (source_id) GROUP BY uri ORDER BY uri") == [
+        (f"kafka://{topic}/0", 10), (f"kafka://{topic}/0@1", 10)]
+    assert rows(conn, "SELECT next_offset, topic_id, epoch FROM kafka_offset") == [(10, "id-B", 1)]

@@ -8,7 +8,9 @@ pinned here.
 """
 from __future__ import annotations
 
+import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, date, datetime
 
 import pandas as pd
@@ -18,7 +20,7 @@ import pytest
 
 import load
 import transform
-from helpers import rows, scalar, table_counts
+from helpers import identity_values, rows, scalar, table_counts
 from transform import Exhibition
 
 INSTANTS = [
@@ -384,6 +386,45 @@ def test_upsert_exhibition_updates_an_existing_one(conn):
                         "WHERE department_name = 'Marine Biology'") == 1
 
 
+def test_upsert_of_known_master_data_draws_no_identity_value(conn):
+    with load.transaction(conn) as cur:
+        assert load.upsert_exhibition(cur, PLANETS) == "added"
+    drawn = identity_values(conn)
+    for _ in range(3):
+        with load.transaction(conn) as cur:
+            assert load.upsert_exhibition(cur, PLANETS) == "unchanged"
+            load.source_id(cur, "s3", "s3://b/k.csv")
+    assert new_source(conn, "s3://b/k.csv") == new_source(conn, "s3://b/k.csv")
+    assert {k: v for k, v in identity_values(conn).items() if k != "event_source.source_id"} \
+        == {k: v for k, v in drawn.items() if k != "event_source.source_id"}
+    assert identity_values(conn)["event_source.source_id"] == 1  # one source, one value
+
+
+def test_a_concurrent_insert_of_the_same_exhibition_is_waited_for_not_an_error(db, conn):
+    """Two runs finding the same new exhibition file: the second waits for the first's insert,
+    then finds its rows (same keys) instead of failing on the unique constraint."""
+    other = load.connect(db)
+    try:
+        with other.cursor() as theirs:
+            assert load.upsert_exhibition(theirs, PLANETS) == "added"   # not committed yet
+            with ThreadPoolExecutor(1) as pool:
+                mine = pool.submit(lambda: _upsert_in_transaction(conn, PLANETS))
+                time.sleep(0.5)
+                assert not mine.done()                                  # waits on their insert
+                other.commit()
+                assert mine.result(timeout=10) == "unchanged"
+    finally:
+        other.close()
+    assert rows(conn, "SELECT count(*), min(exhibition_id) FROM exhibition WHERE site = 6") \
+        == [(1, master(conn).exhibitions[6])]
+    assert scalar(conn, "SELECT count(*) FROM department WHERE department_name = 'Astronomy'") == 1
+
+
+def _upsert_in_transaction(conn, exhibition: Exhibition) -> str:
+    with load.transaction(conn) as cur:
+        return load.upsert_exhibition(cur, exhibition)
+
+
 def test_upsert_of_a_parsed_exhibition_file(conn):
     raw = (b'{\n    "EXHIBITION_NAME": "Thunder Lizards",\n    "EXHIBITION_ID": "EXH_05",\n'
            b'    "FLOOR": "1",\n    "DEPARTMENT": "Paleontology",\n    "START_DATE": "01/02/23",\n'
@@ -467,6 +508,115 @@ def test_locked_offsets_are_held_until_the_transaction_ends(db, conn):
         other.rollback()
     finally:
         other.close()
+
+
+def claim(conn, partitions: list[int], topic_id: str | None, log_ends=None):
+    """claim_partitions' (next offsets, new logs), sources left out (offset_rows shows them)."""
+    with load.transaction(conn) as cur:
+        offsets, new_logs = load.claim_partitions(cur, "lmnh", partitions, topic_id, log_ends)
+    return {p: next_offset for p, (_, next_offset) in offsets.items()}, new_logs
+
+
+def offset_rows(conn) -> list[tuple]:
+    return rows(conn, "SELECT partition, uri, next_offset, topic_id, epoch FROM kafka_offset "
+                      "JOIN event_source USING (source_id) ORDER BY partition")
+
+
+def test_claimed_partitions_keep_their_offsets_while_the_topic_id_holds(conn):
+    assert claim(conn, [0, 1], "id-A") == ({0: 0, 1: 0}, [])
+    with load.transaction(conn) as cur:
+        load.advance_offset(cur, load.lock_offsets(cur, "lmnh", [0])[0][0], 100)
+    drawn = identity_values(conn)
+    assert claim(conn, [0, 1], "id-A") == ({0: 100, 1: 0}, [])
+    assert claim(conn, [0], None) == ({0: 100}, [])                 # ID unknown: kept
+    assert claim(conn, [0], None, {0: 200}) == ({0: 100}, [])       # within the log
+    assert identity_values(conn) == drawn                           # nothing new, nothing drawn
+    assert offset_rows(conn) == [(0, "kafka://lmnh/0", 100, "id-A", 0),
+                                 (1, "kafka://lmnh/1", 0, "id-A", 0)]
+
+
+def test_a_database_from_before_topic_ids_adopts_the_brokers(conn):
+    with load.transaction(conn) as cur:
+        load.advance_offset(cur, load.lock_offsets(cur, "lmnh", [0])[0][0], 100)
+    assert claim(conn, [0], "id-A") == ({0: 100}, [])
+    assert offset_rows(conn) == [(0, "kafka://lmnh/0", 100, "id-A", 0)]
+
+
+def test_a_new_topic_id_starts_a_new_epoch_from_offset_0(conn):
+    claim(conn, [0, 1], "id-A")
+    with load.transaction(conn) as cur:
+        locked = load.lock_offsets(cur, "lmnh", [0, 1])
+        load.advance_offset(cur, locked[0][0], 100)
+        load.advance_offset(cur, locked[1][0], 7)
+    offsets, new_logs = claim(conn, [0, 1], "id-B")
+    assert offsets == {0: 0, 1: 0}
+    assert new_logs == [
+        load.NewLog(0, 100, "kafka://lmnh/0@1", "the topic ID is now id-B, was id-A"),
+        load.NewLog(1, 7, "kafka://lmnh/1@1", "the topic ID is now id-B, was id-A")]
+    assert offset_rows(conn) == [(0, "kafka://lmnh/0@1", 0, "id-B", 1),
+                                 (1, "kafka://lmnh/1@1", 0, "id-B", 1)]
+    assert claim(conn, [0, 1], "id-B") == ({0: 0, 1: 0}, [])        # once only
+    assert claim(conn, [0], "id-C")[1][0].uri == "kafka://lmnh/0@2"
+    assert {uri for (uri,) in rows(conn, "SELECT uri FROM event_source")} == {
+        "kafka://lmnh/0", "kafka://lmnh/1", "kafka://lmnh/0@1", "kafka://lmnh/1@1",
+        "kafka://lmnh/0@2"}
+
+
+def test_without_topic_ids_an_offset_beyond_the_logs_end_starts_a_new_epoch(conn):
+    with load.transaction(conn) as cur:
+        load.advance_offset(cur, load.lock_offsets(cur, "lmnh", [0])[0][0], 100)
+    assert claim(conn, [0], None, {0: 100}) == ({0: 100}, [])        # at the end: caught up
+    offsets, new_logs = claim(conn, [0], None, {0: 50})
+    assert offsets == {0: 0}
+    assert new_logs == [load.NewLog(0, 100, "kafka://lmnh/0@1",
+                                    "the stored offset 100 is beyond the log's end 50")]
+    assert offset_rows(conn) == [(0, "kafka://lmnh/0@1", 0, None, 1)]
+
+
+def test_two_consumers_claiming_a_recreated_partition_start_one_epoch(db, conn):
+    """A rebalance can hand the partition over while the first owner is still claiming it:
+    the row lock makes the second see the first's new epoch, not start another."""
+    claim(conn, [0], "id-A")
+    other = load.connect(db)
+    try:
+        with other.cursor() as theirs:
+            assert load.claim_partitions(theirs, "lmnh", [0], "id-B", None)[1]  # not committed
+            with ThreadPoolExecutor(1) as pool:
+                mine = pool.submit(claim, conn, [0], "id-B")
+                time.sleep(0.5)
+                assert not mine.done()
+                other.commit()
+                assert mine.result(timeout=10) == ({0: 0}, [])
+    finally:
+        other.close()
+    assert offset_rows(conn) == [(0, "kafka://lmnh/0@1", 0, "id-B", 1)]
+
+
+def test_assignment_does_not_wait_for_a_batch_holding_the_offset_rows(db, conn):
+    """A frozen zombie consumer may hold the rows in its batch transaction for as long as it
+    is stopped: a rebalance reads the offsets past its locks (the batch re-checks, locked)."""
+    claim(conn, [0], "id-A")
+    with load.transaction(conn) as cur:
+        load.advance_offset(cur, load.lock_offsets(cur, "lmnh", [0])[0][0], 5)
+    zombie = load.connect(db)
+    try:
+        with zombie.cursor() as theirs:
+            load.lock_offsets(theirs, "lmnh", [0])                      # held, not committed
+            with ThreadPoolExecutor(1) as pool:
+                assigned = pool.submit(_assigned_in_transaction, conn, [0, 1], "id-A")
+                assert assigned.result(timeout=5) == ({0: 5}, [])      # 1: never read yet
+        zombie.rollback()
+    finally:
+        zombie.close()
+    drawn = identity_values(conn)
+    offsets, new_logs = _assigned_in_transaction(conn, [0, 1], "id-B")  # a new log: claimed
+    assert offsets == {0: 0} and [n.uri for n in new_logs] == ["kafka://lmnh/0@1"]
+    assert identity_values(conn)["event_source.source_id"] == drawn["event_source.source_id"] + 1
+
+
+def _assigned_in_transaction(conn, partitions: list[int], topic_id: str):
+    with load.transaction(conn) as cur:
+        return load.assigned_offsets(cur, "lmnh", partitions, topic_id)
 
 
 def test_connect_speaks_museum_time(conn):

@@ -7,7 +7,7 @@ import psycopg2
 import pytest
 
 import load
-from helpers import rows, scalar
+from helpers import identity_values, rows, scalar
 
 SCHEMA = (Path(__file__).resolve().parent.parent / "schema.sql").read_text()
 MASTER = ("SELECT public_id, site, exhibition_name, department_name, floor_name, "
@@ -22,6 +22,15 @@ def test_schema_applies_again_without_changing_master_data(conn):
     after = rows(conn, MASTER), rows(conn, "SELECT * FROM rating ORDER BY rating_id"), \
         rows(conn, "SELECT * FROM request ORDER BY request_id")
     assert after == before
+
+
+def test_applying_schema_again_draws_no_identity_value(conn):
+    """`psql -f schema.sql` re-runs the seed inserts: they must not consume SMALLINT keys."""
+    drawn = identity_values(conn)
+    assert drawn["department.department_id"] == 5 and drawn["exhibition.exhibition_id"] == 6
+    load.apply_schema(conn, SCHEMA)
+    load.apply_schema(conn, SCHEMA)
+    assert identity_values(conn) == drawn
 
 
 def test_seed_holds_the_six_real_exhibitions(conn):
