@@ -95,18 +95,16 @@ BEGIN
     EXECUTE format('GRANT SELECT ON ALL TABLES IN SCHEMA %I TO lmnh_analyst', s);
 
     -- lmnh_loader.
-    -- Master data: the rules read what is "known"; exhibition objects upsert an exhibition with
-    -- its department and floor (INSERT ... ON CONFLICT ... RETURNING). UPDATE only of the
-    -- columns an upsert sets: an exhibition's public_id and site (which events are matched
-    -- on) stay as inserted. (department_name / floor_name: for ON CONFLICT DO UPDATE; an
-    -- INSERT ... ON CONFLICT DO NOTHING + SELECT needs only SELECT, INSERT.) Ratings and
-    -- requests only change through schema.sql, so they are read-only here.
+    -- Master data: the rules read what is "known"; exhibition objects add an exhibition with
+    -- its department and floor when missing (INSERT ... WHERE NOT EXISTS ... ON CONFLICT DO
+    -- NOTHING) and update an exhibition whose values changed. UPDATE only of the columns that
+    -- update sets: an exhibition's public_id and site (which events are matched on) stay as
+    -- inserted, and departments and floors are never updated. Ratings and requests only
+    -- change through schema.sql, so they are read-only here.
     EXECUTE format('GRANT SELECT, INSERT ON %1$I.exhibition, %1$I.department, %1$I.floor '
                    'TO lmnh_loader', s);
     EXECUTE format('GRANT UPDATE (exhibition_name, exhibition_description, department_id, '
                    'floor_id, exhibition_start_date) ON %1$I.exhibition TO lmnh_loader', s);
-    EXECUTE format('GRANT UPDATE (department_name) ON %1$I.department TO lmnh_loader', s);
-    EXECUTE format('GRANT UPDATE (floor_name) ON %1$I.floor TO lmnh_loader', s);
     EXECUTE format('GRANT SELECT ON %1$I.rating, %1$I.request TO lmnh_loader', s);
     -- Provenance and progress: upserted, locked (SELECT ... FOR UPDATE), never deleted.
     EXECUTE format('GRANT SELECT, INSERT, UPDATE ON %1$I.event_source, %1$I.s3_object_load, '

@@ -610,6 +610,8 @@ LOADER_REFUSED = [
     # ... and of an exhibition only what the upsert sets: events are matched on site/public_id
     "UPDATE exhibition SET site = site",
     "UPDATE exhibition SET public_id = public_id",
+    "UPDATE department SET department_name = department_name",
+    "UPDATE floor SET floor_name = floor_name",
 ]
 
 
