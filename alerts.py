@@ -84,24 +84,32 @@ def emergencies_of(requests: pd.DataFrame, names: dict[int, str], zone: str,
     return Emergencies(fresh, int((~is_fresh).sum()))
 
 
-def alert_id(topic: str, partition: int, offset: int) -> str:
-    return f"kafka://{topic}/{partition}:{offset}"
+SOURCE_URIS = "SELECT source_id, uri FROM event_source WHERE source_id = ANY(%s)"
 
 
-def payload_of(topic: str, emergency: dict) -> dict:
+def alert_id(source_uri: str, offset: int) -> str:
+    """`kafka://topic/partition:offset` (SPEC §4.1), from the partition's source: after the
+    topic was recreated the source is a new epoch (`kafka://topic/0@1`), so an alert of the new
+    log never repeats the id of one of the old, which a receiver dropping repeats would lose."""
+    return f"{source_uri}:{offset}"
+
+
+def payload_of(source_uri: str, emergency: dict) -> dict:
     """The JSON the receiver gets; `text` alone makes it a Slack / Teams webhook message."""
-    return {"id": alert_id(topic, emergency["partition"], emergency["offset"]),
+    return {"id": alert_id(source_uri, emergency["offset"]),
             "text": emergency["text"], "exhibition": emergency["exhibition"],
             "site": emergency["site"], "at": emergency["at"]}
 
 
-def write_alerts(cur, topic: str, fresh: list[dict], source_of: dict[int, int]) -> int:
+def write_alerts(cur, fresh: list[dict], source_of: dict[int, int]) -> int:
     """Queue fresh emergencies in the outbox, inside the caller's (the batch's) transaction."""
     if not fresh:
         return 0
-    payloads = [payload_of(topic, e) for e in fresh]
-    cur.execute(INSERT_ALERTS, ([source_of[e["partition"]] for e in fresh],
-                                [e["offset"] for e in fresh], [p["id"] for p in payloads],
+    cur.execute(SOURCE_URIS, (sorted({source_of[e["partition"]] for e in fresh}),))
+    uri_of = dict(cur.fetchall())
+    sources = [source_of[e["partition"]] for e in fresh]
+    payloads = [payload_of(uri_of[source], e) for source, e in zip(sources, fresh)]
+    cur.execute(INSERT_ALERTS, (sources, [e["offset"] for e in fresh], [p["id"] for p in payloads],
                                 [e["at"] for e in fresh], [json.dumps(p) for p in payloads]))
     return cur.rowcount
 

@@ -160,7 +160,7 @@ def store_batch(conn, topic: str, messages: list, rules: transform.Rules,
                                       now or datetime.now(UTC), alerting.max_age)
         result.emergencies, result.old_emergencies = calls.fresh, calls.old
         if alerting.outbox:
-            result.alerts_queued = alerts.write_alerts(cur, topic, calls.fresh, source_of)
+            result.alerts_queued = alerts.write_alerts(cur, calls.fresh, source_of)
         result.last_event_at = newest_event_per_site(outcome, master)
     return result
 

@@ -28,6 +28,9 @@ import test_consumer
 from test_consumer import group_name, log_text, produce, wait_for
 from test_security import ROLE_SECRET, apply_roles_with_passwords, connect_as, refused
 
+import alerts
+import consumer
+import transform
 from helpers import rows, run_consumer_in_process, scalar
 from settings import SettingsError, environment_secrets, load_settings
 
@@ -319,3 +322,18 @@ def test_a_database_without_the_outbox_is_one_line_not_a_traceback(
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert errors == ["consumer stopped: alerts need the alert_outbox table: apply schema.sql "
                       "again (it only adds what is missing) and then roles.sql"]
+
+
+def test_alerts_of_a_recreated_topic_do_not_repeat_the_old_logs_ids(kafka_settings, topic, conn):
+    """After the topic is recreated its offsets start again at 0: an alert of the new log
+    carries the new epoch's source in its id, so a receiver dropping repeated ids keeps it."""
+    now = datetime.now(UTC).replace(hour=12)
+    produce(kafka_settings, topic, [event(now, 2, -1, 1)])
+    batch = test_consumer.read_messages(kafka_settings, topic, 0, 1)
+    rules = transform.Rules(opening=datetime.min.time(), closing=datetime.max.time())
+    alerting = alerts.Alerting(outbox=True)
+    for log_id in ("id-A", "id-B"):  # the same offset 0, read from two incarnations of the topic
+        consumer.store_batch(conn, topic, batch, rules, now=now,
+                             known=consumer.KnownLog(log_id), alerting=alerting)
+    assert rows(conn, "SELECT id, payload->>'id' FROM alert_outbox ORDER BY source_id") == [
+        (f"kafka://{topic}/0:0",) * 2, (f"kafka://{topic}/0@1:0",) * 2]
