@@ -170,11 +170,10 @@ class AlertSender:
 
     def __init__(self, database: DatabaseSettings, url: str, timing: SenderTiming = SenderTiming(),
                  metrics=None):
-        self.database = database
         self.url = url
         self.timing = timing
         self.metrics = metrics
-        self.conn = None
+        self.db = load.LazyConnection(database)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="alert-sender", daemon=True)
@@ -196,8 +195,8 @@ class AlertSender:
         if self._thread.is_alive():
             log.warning("alerts: the sender did not finish within %.0f s; pending alerts are "
                         "sent on the next start", grace)
-        elif self.conn is not None and not self.conn.closed:
-            self.conn.close()
+        else:
+            self.db.drop()
 
     # ---- the thread
     def _run(self) -> None:
@@ -224,7 +223,7 @@ class AlertSender:
             self._report(f"the receiver at {shown_url(self.url)} failed ({exc})")
             return False
         except (psycopg2.Error, load.DatabaseError) as exc:
-            self._drop_connection()
+            self.db.drop()
             self._report(f"the database is unavailable to the sender ({first_line(exc)})")
             return False
         self._recovered()
@@ -232,7 +231,7 @@ class AlertSender:
 
     def _deliver_pending(self) -> None:
         """Send pending alerts one by one until none is left (or another sender holds it)."""
-        conn = self._db()
+        conn = self.db.get()
         while True:
             with load.transaction(conn) as cur:
                 cur.execute(NEXT_PENDING)
@@ -257,26 +256,13 @@ class AlertSender:
             log.warning("alerts held: %s; retrying with backoff", trouble)
         self._trouble = trouble
         try:
-            with load.transaction(self._db()) as cur:
+            with load.transaction(self.db.get()) as cur:
                 cur.execute(COUNT_PENDING)
                 self._set_pending(cur.fetchone()[0])
         except (psycopg2.Error, load.DatabaseError):
-            self._drop_connection()
+            self.db.drop()
 
     def _recovered(self) -> None:
         if self._trouble is not None:
             log.info("alerts: delivering again; every held alert has been sent")
             self._trouble = None
-
-    def _db(self):
-        if self.conn is None or self.conn.closed:
-            self.conn = load.connect(self.database)
-        return self.conn
-
-    def _drop_connection(self) -> None:
-        if self.conn is not None:
-            try:
-                self.conn.close()
-            except psycopg2.Error:
-                pass
-        self.conn = None

@@ -306,7 +306,7 @@ class KioskConsumer:
         self.metrics = metrics
         self.rules = rules
         self.stopping = False
-        self.conn = None
+        self.db = load.LazyConnection(settings.database)
         self.db_down_since: float | None = None
         self.broker_down = False
         self.broker_connected = False  # a broker connection ever completed its handshake
@@ -389,7 +389,7 @@ class KioskConsumer:
             # already stored, so starting from them is safe, only slower.
             log.warning("database unavailable at assignment (%s); starting from Kafka's "
                         "committed offsets", first_line(exc))
-            self._drop_connection()
+            self.db.drop()
             stored = None
         for p in partitions:
             if stored is not None:
@@ -406,7 +406,7 @@ class KioskConsumer:
         partition of a recreated topic starts a new source from its beginning (SPEC §3.1)."""
         self.topic_id, no_ids = self._topic_id()
         ends = self._log_ends(consumer, partitions) if no_ids else None
-        with load.transaction(self._db()) as cur:
+        with load.transaction(self.db.get()) as cur:
             offsets, new_logs = load.assigned_offsets(cur, self.topic, partitions,
                                                       self.topic_id, ends)
         self._warn_new_logs(new_logs)
@@ -465,19 +465,6 @@ class KioskConsumer:
                     "database's offsets", self.topic, sorted(gone))
 
     # ---- database
-    def _db(self):
-        if self.conn is None or self.conn.closed:
-            self.conn = load.connect(self.settings.database)
-        return self.conn
-
-    def _drop_connection(self) -> None:
-        if self.conn is not None:
-            try:
-                self.conn.close()
-            except psycopg2.Error:
-                pass
-        self.conn = None
-
     def _store_with_retry(self, messages: list) -> BatchResult:
         """Store a batch, retrying with backoff while the database is away (offsets hold).
 
@@ -488,7 +475,7 @@ class KioskConsumer:
         delay = 0.5
         while True:
             try:
-                result = store_batch(self._db(), self.topic, messages, self.rules,
+                result = store_batch(self.db.get(), self.topic, messages, self.rules,
                                      known=KnownLog(self.topic_id,
                                                     frozenset(self.accepted_gaps)),
                                      alerting=self.alerting)
@@ -496,7 +483,7 @@ class KioskConsumer:
                 text = load.describe_error(exc)
                 if not load.is_transient(exc):
                     raise FatalError(f"database refused us: {text}") from None
-                self._drop_connection()
+                self.db.drop()
                 if self.db_down_since is None:
                     self.db_down_since = time.monotonic()
                     log.warning("database unavailable (%s); holding the batch and retrying "
@@ -575,7 +562,7 @@ class KioskConsumer:
                     last_report, reported = time.monotonic(), self.totals.messages
         finally:
             self.consumer.close()
-            self._drop_connection()
+            self.db.drop()
             if self.sender is not None:
                 self.sender.stop(grace=self.settings.alert_timeout_seconds + 1)
         if self.fatal:

@@ -114,6 +114,28 @@ def describe_error(exc: BaseException) -> str:
     return text
 
 
+class LazyConnection:
+    """A long-lived worker's connection: opened on first use, and after a failure closed
+    quietly and dropped, so the next use opens a new one (the consumer, the alert sender)."""
+
+    def __init__(self, db: DatabaseSettings):
+        self.db = db
+        self.conn: psycopg2.extensions.connection | None = None
+
+    def get(self) -> psycopg2.extensions.connection:
+        if self.conn is None or self.conn.closed:
+            self.conn = connect(self.db)
+        return self.conn
+
+    def drop(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except psycopg2.Error:
+                pass
+        self.conn = None
+
+
 @contextmanager
 def transaction(conn) -> Iterator[psycopg2.extensions.cursor]:
     """Commit on success, roll back on any exception (like sqlite-utils' Database.atomic)."""

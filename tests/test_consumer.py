@@ -939,9 +939,9 @@ def test_stop_at_end_reads_a_rewound_range_before_stopping(kafka_settings, topic
         consumer.ConsumerOptions(topic, group, batch_size=500, stop_at_end=True),
         consumer.Metrics(None), transform.Rules())
     # the session the worker holds is cut off: reading positions at assignment fails
-    worker.conn = load.connect(db)
+    worker.db.conn = load.connect(db)
     with conn.cursor() as cur:
-        cur.execute("SELECT pg_terminate_backend(%s)", (worker.conn.get_backend_pid(),))
+        cur.execute("SELECT pg_terminate_backend(%s)", (worker.db.conn.get_backend_pid(),))
     conn.commit()
     assign = worker._on_assign
 
