@@ -135,11 +135,12 @@ def measure_replay(data: Path) -> dict:
     s3 = boto3.client("s3", endpoint_url=s3_info.endpoint_url, region_name=s3_info.region,
                       aws_access_key_id=s3_info.access_key,
                       aws_secret_access_key=s3_info.secret_key)
-    dbs = Databases(state["postgres"]["port"])
+    dbs = Databases(state["postgres"]["port"],
+                    localstack.database_settings(state["postgres"]).password)
     bucket, topic = f"real-{uuid.uuid4().hex[:8]}", f"real-{uuid.uuid4().hex[:8]}"
     try:
         db = dbs.create("replay_real")
-        env = child_env(**db_env(dbs.port, db), AWS_ENDPOINT_URL_S3=s3_info.endpoint_url,
+        env = child_env(**db_env(dbs.port, db, dbs.password), AWS_ENDPOINT_URL_S3=s3_info.endpoint_url,
                         AWS_ACCESS_KEY=s3_info.access_key or "x",
                         AWS_SECRET_ACCESS_KEY=s3_info.secret_key or "x",
                         BOOTSTRAP_SERVERS=kafka.bootstrap_servers)
