@@ -165,7 +165,7 @@ class AlertSender:
 
     `wake()` (called by the consumer after a batch that queued alerts has committed) starts a
     delivery at once, so an alert follows its event by milliseconds; otherwise it looks every
-    `poll_seconds`. `metrics` has `alert_sent()` and `alerts_pending(n)` (consumer.Metrics).
+    `poll_seconds`. `metrics` has `alert_sent()` and `alerts_pending(n)` (metrics.Metrics).
     """
 
     def __init__(self, database: DatabaseSettings, url: str, timing: SenderTiming = SenderTiming(),

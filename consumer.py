@@ -144,9 +144,7 @@ def store_batch(conn, topic: str, messages: list, rules: transform.Rules,
         parsed = transform.parse_messages([m.value() for m in fresh],
                                           [m.partition() for m in fresh],
                                           [m.offset() for m in fresh])
-        outcome = transform.validate_events(parsed.events, master, rules, now)
-        outcome.rejections = transform.concat_rejections([parsed.rejections,
-                                                          outcome.rejections])
+        outcome = transform.validate_parsed(parsed, master, rules, now)
         source_of = {partition: source for partition, (source, _) in offsets.items()}
         load.run_copies(cur, load.prepare_outcome(outcome, f"kafka://{topic}", source_of))
         result.ratings, result.requests = len(outcome.ratings), len(outcome.requests)

@@ -13,7 +13,7 @@ import logging
 import queue
 import struct
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -241,26 +241,25 @@ WHERE public_id = %(public_id)s
                         %(floor_id)s::SMALLINT, %(start_date)s::DATE)"""
 
 
-def ensured_key(cur) -> int | None:
-    """The key an ENSURE_* statement just found or inserted; None after a concurrent insert."""
-    row = cur.fetchone()
-    return None if row is None else row[0]
+def ensured_key(cur, run_ensure: Callable[[], None], what: str) -> int:
+    """The key an ENSURE_* statement finds or inserts. Run twice at most: after a concurrent
+    insert it returns nothing, and the second time finds that inserter's committed row."""
+    for _ in range(2):
+        run_ensure()
+        row = cur.fetchone()
+        if row is not None:
+            return row[0]
+    raise DatabaseError(f"{what} vanished while being added")
 
 
 def department_id(cur, name: str) -> int:
-    for _ in range(2):  # the second time finds a concurrent inserter's committed row
-        cur.execute(ENSURE_DEPARTMENT, {"name": name})
-        if (key := ensured_key(cur)) is not None:
-            return key
-    raise DatabaseError(f"department {name!r} vanished while being added")
+    return ensured_key(cur, lambda: cur.execute(ENSURE_DEPARTMENT, {"name": name}),
+                       f"department {name!r}")
 
 
 def floor_id(cur, name: str) -> int:
-    for _ in range(2):
-        cur.execute(ENSURE_FLOOR, {"name": name})
-        if (key := ensured_key(cur)) is not None:
-            return key
-    raise DatabaseError(f"floor {name!r} vanished while being added")
+    return ensured_key(cur, lambda: cur.execute(ENSURE_FLOOR, {"name": name}),
+                       f"floor {name!r}")
 
 
 def upsert_exhibition(cur, exhibition: Exhibition) -> str:
@@ -293,11 +292,8 @@ SELECT source_id FROM found UNION ALL SELECT source_id FROM inserted"""
 def source_id(cur, kind: str, uri: str) -> int:
     """The source of an S3 object or Kafka partition log; a known one draws no identity value
     (an object reloaded every minute, a consumer batch ten times a second: SPEC §3.1)."""
-    for _ in range(2):
-        cur.execute(ENSURE_SOURCE, {"kind": kind, "uri": uri})
-        if (key := ensured_key(cur)) is not None:
-            return key
-    raise DatabaseError(f"source {uri} vanished while being added")
+    return ensured_key(cur, lambda: cur.execute(ENSURE_SOURCE, {"kind": kind, "uri": uri}),
+                       f"source {uri}")
 
 
 def lock_source(cur, source: int) -> None:
@@ -545,13 +541,6 @@ def kafka_source_uri(topic: str, partition: int, epoch: int = 0) -> str:
     return f"kafka://{topic}/{partition}" + (f"@{epoch}" if epoch else "")
 
 
-def stored_offsets(cur, topic: str, partitions: list[int]) -> dict[int, int]:
-    """Next offset to read per partition, as the database (the truth) records it."""
-    cur.execute("SELECT partition, next_offset FROM kafka_offset "
-                "WHERE topic = %s AND partition = ANY(%s)", (topic, partitions))
-    return dict(cur.fetchall())
-
-
 # `*`, read by column name: a lock wait's log line shows the statement's first 60 characters,
 # which then name the table (load.describe_error).
 LOCK_OFFSET = "SELECT * FROM kafka_offset WHERE topic = %s AND partition = %s FOR UPDATE"
@@ -572,11 +561,6 @@ def _locked_offset(cur, topic: str, partition: int, topic_id: str | None = None)
         row = cur.fetchone()
     found = dict(zip((column.name for column in cur.description), row))
     return found["source_id"], found["next_offset"], found["topic_id"], found["epoch"]
-
-
-def lock_offsets(cur, topic: str, partitions: list[int]) -> dict[int, tuple[int, int]]:
-    """Lock (creating if needed) each partition's offset row; partition -> (source_id, next)."""
-    return claim_partitions(cur, topic, partitions, None)[0]
 
 
 @dataclass(frozen=True)

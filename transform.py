@@ -744,6 +744,13 @@ def validate_csv_chunk(first_line: int, lines: list[str], master: MasterData, ru
     if header_error:
         nothing = parsed.events.iloc[:0]
         return Outcome(nothing, nothing, reject_all(parsed, "bad_header", header_error))
+    return validate_parsed(parsed, master, rules, now)
+
+
+def validate_parsed(parsed: ParsedEvents, master: MasterData, rules: Rules,
+                    now: datetime | None = None) -> Outcome:
+    """The rules applied to parsed events; the rows that never became events (malformed CSV
+    lines, payloads that are not JSON objects) join the rejections, first."""
     outcome = validate_events(parsed.events, master, rules, now)
     outcome.rejections = concat_rejections([parsed.rejections, outcome.rejections])
     return outcome

@@ -437,10 +437,21 @@ def test_upsert_of_a_parsed_exhibition_file(conn):
 
 
 # --------------------------------------------------------------------------- Kafka offsets
+def lock_offsets(cur, topic: str, partitions: list[int]) -> dict[int, tuple[int, int]]:
+    """What a consumer batch locks, for a broker whose topic ID is not known:
+    partition -> (source_id, next offset)."""
+    return load.claim_partitions(cur, topic, partitions, None)[0]
+
+
+def stored_offsets(cur, topic: str, partitions: list[int]) -> dict[int, int]:
+    """What assignment reads: the next offset of each partition the database knows."""
+    return load.assigned_offsets(cur, topic, partitions, None)[0]
+
+
 def test_offsets_round_trip_for_three_partitions(conn):
     topic = "lmnh"
     with load.transaction(conn) as cur:
-        locked = load.lock_offsets(cur, topic, [2, 0, 1])
+        locked = lock_offsets(cur, topic, [2, 0, 1])
     assert sorted(locked) == [0, 1, 2]
     assert [next_offset for _, next_offset in locked.values()] == [0, 0, 0]
     sources = {p: s for p, (s, _) in locked.items()}
@@ -449,45 +460,45 @@ def test_offsets_round_trip_for_three_partitions(conn):
         (load.kafka_source_uri(topic, p),) for p in (0, 1, 2)]
 
     with load.transaction(conn) as cur:
-        assert load.stored_offsets(cur, topic, [0, 1, 2]) == {0: 0, 1: 0, 2: 0}
-        load.lock_offsets(cur, topic, [0, 1])
+        assert stored_offsets(cur, topic, [0, 1, 2]) == {0: 0, 1: 0, 2: 0}
+        lock_offsets(cur, topic, [0, 1])
         load.advance_offset(cur, sources[0], 1500)
         load.advance_offset(cur, sources[1], 42)
     with load.transaction(conn) as cur:
-        assert load.stored_offsets(cur, topic, [0, 1, 2]) == {0: 1500, 1: 42, 2: 0}
-        assert load.stored_offsets(cur, topic, [1]) == {1: 42}
-        assert load.stored_offsets(cur, "other-topic", [0, 1, 2]) == {}
-        again = load.lock_offsets(cur, topic, [0, 1, 2])
+        assert stored_offsets(cur, topic, [0, 1, 2]) == {0: 1500, 1: 42, 2: 0}
+        assert stored_offsets(cur, topic, [1]) == {1: 42}
+        assert stored_offsets(cur, "other-topic", [0, 1, 2]) == {}
+        again = lock_offsets(cur, topic, [0, 1, 2])
     assert again == {0: (sources[0], 1500), 1: (sources[1], 42), 2: (sources[2], 0)}
 
     # an aborted batch does not move the offset
     with pytest.raises(RuntimeError), load.transaction(conn) as cur:
-        load.lock_offsets(cur, topic, [2])
+        lock_offsets(cur, topic, [2])
         load.advance_offset(cur, sources[2], 999)
         raise RuntimeError("killed mid-batch")
     with load.transaction(conn) as cur:
-        assert load.stored_offsets(cur, topic, [2]) == {2: 0}
+        assert stored_offsets(cur, topic, [2]) == {2: 0}
 
 
 def test_offsets_of_another_topic_are_separate(conn):
     with load.transaction(conn) as cur:
-        a = load.lock_offsets(cur, "lmnh", [0])
-        b = load.lock_offsets(cur, "lmnh-replay", [0])
+        a = lock_offsets(cur, "lmnh", [0])
+        b = lock_offsets(cur, "lmnh-replay", [0])
         load.advance_offset(cur, b[0][0], 7)
     assert a[0][0] != b[0][0]
     with load.transaction(conn) as cur:
-        assert load.stored_offsets(cur, "lmnh", [0]) == {0: 0}
-        assert load.stored_offsets(cur, "lmnh-replay", [0]) == {0: 7}
+        assert stored_offsets(cur, "lmnh", [0]) == {0: 0}
+        assert stored_offsets(cur, "lmnh-replay", [0]) == {0: 7}
 
 
 def test_locked_offsets_are_held_until_the_transaction_ends(db, conn):
     """Two consumers of one partition must not both process a batch from the same offset."""
     with load.transaction(conn) as cur:
-        load.lock_offsets(cur, "lmnh", [0, 1])
+        lock_offsets(cur, "lmnh", [0, 1])
     other = load.connect(db)
     try:
         with conn.cursor() as cur:
-            load.lock_offsets(cur, "lmnh", [0])           # held by conn, not committed
+            lock_offsets(cur, "lmnh", [0])           # held by conn, not committed
             with pytest.raises(psycopg2.errors.LockNotAvailable), other.cursor() as theirs:
                 theirs.execute("SELECT next_offset FROM kafka_offset k JOIN event_source s "
                                "USING (source_id) WHERE s.uri = %s FOR UPDATE NOWAIT",
@@ -525,7 +536,7 @@ def offset_rows(conn) -> list[tuple]:
 def test_claimed_partitions_keep_their_offsets_while_the_topic_id_holds(conn):
     assert claim(conn, [0, 1], "id-A") == ({0: 0, 1: 0}, [])
     with load.transaction(conn) as cur:
-        load.advance_offset(cur, load.lock_offsets(cur, "lmnh", [0])[0][0], 100)
+        load.advance_offset(cur, lock_offsets(cur, "lmnh", [0])[0][0], 100)
     drawn = identity_values(conn)
     assert claim(conn, [0, 1], "id-A") == ({0: 100, 1: 0}, [])
     assert claim(conn, [0], None) == ({0: 100}, [])                 # ID unknown: kept
@@ -537,7 +548,7 @@ def test_claimed_partitions_keep_their_offsets_while_the_topic_id_holds(conn):
 
 def test_a_database_from_before_topic_ids_adopts_the_brokers(conn):
     with load.transaction(conn) as cur:
-        load.advance_offset(cur, load.lock_offsets(cur, "lmnh", [0])[0][0], 100)
+        load.advance_offset(cur, lock_offsets(cur, "lmnh", [0])[0][0], 100)
     assert claim(conn, [0], "id-A") == ({0: 100}, [])
     assert offset_rows(conn) == [(0, "kafka://lmnh/0", 100, "id-A", 0)]
 
@@ -545,7 +556,7 @@ def test_a_database_from_before_topic_ids_adopts_the_brokers(conn):
 def test_a_new_topic_id_starts_a_new_epoch_from_offset_0(conn):
     claim(conn, [0, 1], "id-A")
     with load.transaction(conn) as cur:
-        locked = load.lock_offsets(cur, "lmnh", [0, 1])
+        locked = lock_offsets(cur, "lmnh", [0, 1])
         load.advance_offset(cur, locked[0][0], 100)
         load.advance_offset(cur, locked[1][0], 7)
     offsets, new_logs = claim(conn, [0, 1], "id-B")
@@ -564,7 +575,7 @@ def test_a_new_topic_id_starts_a_new_epoch_from_offset_0(conn):
 
 def test_without_topic_ids_an_offset_beyond_the_logs_end_starts_a_new_epoch(conn):
     with load.transaction(conn) as cur:
-        load.advance_offset(cur, load.lock_offsets(cur, "lmnh", [0])[0][0], 100)
+        load.advance_offset(cur, lock_offsets(cur, "lmnh", [0])[0][0], 100)
     assert claim(conn, [0], None, {0: 100}) == ({0: 100}, [])        # at the end: caught up
     offsets, new_logs = claim(conn, [0], None, {0: 50})
     assert offsets == {0: 0}
@@ -597,11 +608,11 @@ def test_assignment_does_not_wait_for_a_batch_holding_the_offset_rows(db, conn):
     is stopped: a rebalance reads the offsets past its locks (the batch re-checks, locked)."""
     claim(conn, [0], "id-A")
     with load.transaction(conn) as cur:
-        load.advance_offset(cur, load.lock_offsets(cur, "lmnh", [0])[0][0], 5)
+        load.advance_offset(cur, lock_offsets(cur, "lmnh", [0])[0][0], 5)
     zombie = load.connect(db)
     try:
         with zombie.cursor() as theirs:
-            load.lock_offsets(theirs, "lmnh", [0])                      # held, not committed
+            lock_offsets(theirs, "lmnh", [0])                      # held, not committed
             with ThreadPoolExecutor(1) as pool:
                 assigned = pool.submit(_assigned_in_transaction, conn, [0, 1], "id-A")
                 assert assigned.result(timeout=5) == ({0: 5}, [])      # 1: never read yet
