@@ -121,8 +121,10 @@ def test_postgres_restart_mid_object_loses_nothing_and_a_rerun_completes_exactly
             assert proc.poll() is None, "the run ended before the big object was being loaded"
             assert time.monotonic() < deadline, "the big object never started loading"
             time.sleep(0.02)
+        # No look at the process here: it may notice the stop and exit before any look could.
+        # That the stop came mid-object is known from the COPY seen in progress above, and is
+        # checked by the outcome below: a run that had finished would exit 0 with a summary.
         localstack.pg_control(info, "stop")
-        assert proc.poll() is None, "the run finished before PostgreSQL was stopped"
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
