@@ -84,14 +84,20 @@ def event_lines(body: bytes, header_ok: bool) -> int:
 # --------------------------------------------------------------------------- PostgreSQL restart
 
 
-def _copy_in_progress(db) -> bool:
-    """True once the pipeline's transaction for the big object has sent rows to PostgreSQL."""
+def _copy_in_progress(db, committed_uri: str) -> bool:
+    """True once the pipeline's transaction for the big object has sent rows to PostgreSQL:
+    a COPY in a transaction after the small object (loaded first) has committed, so the COPY
+    seen is not the small object's own."""
     try:
         conn = psycopg2.connect(**{**db.connect_kwargs(), "application_name": "lmnh-test-watch"})
     except psycopg2.OperationalError:
         return False
     try:
         with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM s3_object_load JOIN event_source "
+                        "USING (source_id) WHERE uri = %s", (committed_uri,))
+            if cur.fetchone()[0] == 0:
+                return False
             cur.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = "
                         "'lmnh-pipeline' AND query LIKE 'COPY rating_interaction%' "
                         "AND xact_start IS NOT NULL")
@@ -117,7 +123,7 @@ def test_postgres_restart_mid_object_loses_nothing_and_a_rerun_completes_exactly
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
-        while not _copy_in_progress(db):
+        while not _copy_in_progress(db, small_uri):
             assert proc.poll() is None, "the run ended before the big object was being loaded"
             assert time.monotonic() < deadline, "the big object never started loading"
             time.sleep(0.02)
