@@ -303,9 +303,13 @@ CREATE INDEX IF NOT EXISTS alert_outbox_pending_idx ON alert_outbox (created_at,
     WHERE sent_at IS NULL;
 
 -- ---------------------------------------------------------------- seed master data
--- Each seed row is inserted only when missing (WHERE NOT EXISTS) and updated only when it
--- differs: an `INSERT ... ON CONFLICT` draws an identity value even when it inserts nothing,
--- and these SMALLINT keys would run out after some 5,000 applications of this file.
+-- Each seed row is inserted only when missing (WHERE NOT EXISTS): an `INSERT ... ON CONFLICT`
+-- draws an identity value even when it inserts nothing, and these SMALLINT keys would run out
+-- after some 5,000 applications of this file. Who owns what (SPEC §3): the buttons (rating,
+-- request) belong to this file, so a changed word here is applied to the row; an exhibition
+-- belongs to its file in S3 once one exists, so the seed only inserts the six that are missing
+-- and never updates one: applying this file again, the upgrade step, keeps a rename made by a
+-- file (edit the exhibition's file, not this one).
 INSERT INTO department (department_name)
 SELECT s.name FROM (VALUES ('Entomology'), ('Geology'), ('Paleontology'), ('Zoology'),
                            ('Ecology')) AS s (name)
@@ -353,18 +357,6 @@ WITH seed AS (
     ) AS s (name, description, department, floor, start_date, public_id)
     JOIN department d ON d.department_name = s.department
     JOIN floor f ON f.floor_name = s.floor
-), updated AS (
-    UPDATE exhibition e SET
-        exhibition_name = s.name,
-        exhibition_description = s.description,
-        department_id = s.department_id,
-        floor_id = s.floor_id,
-        exhibition_start_date = s.start_date
-    FROM seed s
-    WHERE e.public_id = s.public_id
-      AND (e.exhibition_name, e.exhibition_description, e.department_id, e.floor_id,
-           e.exhibition_start_date)
-          IS DISTINCT FROM (s.name, s.description, s.department_id, s.floor_id, s.start_date)
 )
 INSERT INTO exhibition (exhibition_name, exhibition_description, department_id, floor_id,
                         exhibition_start_date, public_id, site)

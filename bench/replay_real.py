@@ -4,9 +4,9 @@
 
 Loads the real kiosk CSVs and exhibition files into a fresh moto bucket and the real stream
 (one message a line, in arrival order) into a fresh one-partition topic, runs pipeline.py and
-consumer.py, then changes the master data as the README says (an exhibition file EXH_06 in the
-bucket and a batch run; schema.sql with a VALUES row for rating 5 applied again), and runs
-replay.py, measured as a whole process. The real data is read where it lies, never copied into
+consumer.py, then changes the master data as docs/museum-changes.md says (an exhibition file
+EXH_06 in the bucket and a batch run; schema.sql with a VALUES row for rating 5 applied again),
+and runs replay.py, measured as a whole process. The real data is read where it lies, never copied into
 the project.
 
 Checks, exit 1 if any fails: before, every event has the outcome the reference classifier

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Checks ops/ (run by `make lint`): the Prometheus rules and their unit tests with promtool, the
-# systemd units with `systemd-analyze verify`. The units name /opt/lmnh, the install directory of
-# README's "Running it for real"; they are verified with this checkout standing in for it.
+# systemd units with `systemd-analyze verify`. The units name /opt/lmnh, the install directory
+# of docs/operations.md, "Running it for real"; they are verified with this checkout standing
+# in for it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v promtool >/dev/null 2>&1; then

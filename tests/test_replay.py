@@ -1,8 +1,8 @@
 """replay.py: stored rejections re-checked against the master data of now (SPEC §3.2).
 
 Real services throughout: S3 objects loaded by pipeline.main, Kafka messages stored by the
-consumer, master data changed the way the README says (an exhibition file in the bucket, a
-VALUES row added to schema.sql and the file applied again), then replay.main.
+consumer, master data changed the way docs/museum-changes.md says (an exhibition file in the
+bucket, a VALUES row added to schema.sql and the file applied again), then replay.main.
 """
 from __future__ import annotations
 
@@ -109,7 +109,7 @@ def add_exhibition_file(s3, bucket: str, record: dict = EXH_06) -> None:
 
 
 def apply_schema_file(db, text: str, tmp_path) -> None:
-    """schema.sql edited and applied with psql -f, as the README says (no reset)."""
+    """schema.sql edited and applied with psql -f, as docs/museum-changes.md says (no reset)."""
     path = tmp_path / f"schema-{uuid.uuid4().hex[:6]}.sql"
     path.write_text(text)
     done = subprocess.run([psql(), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", db.host, "-p",

@@ -1,6 +1,7 @@
 """schema.sql: applies twice cleanly, seeds the master data, makes impossible rows impossible."""
 from __future__ import annotations
 
+from datetime import date
 from pathlib import Path
 
 import psycopg2
@@ -8,6 +9,7 @@ import pytest
 
 import load
 from helpers import identity_values, rows, scalar
+from transform import Exhibition
 
 SCHEMA = (Path(__file__).resolve().parent.parent / "schema.sql").read_text()
 MASTER = ("SELECT public_id, site, exhibition_name, department_name, floor_name, "
@@ -49,6 +51,29 @@ def test_applying_schema_restores_edited_master_data(conn):
         cur.execute("UPDATE rating SET rating_description = 'Meh' WHERE rating_value = 2")
     load.apply_schema(conn, SCHEMA)
     assert scalar(conn, "SELECT rating_description FROM rating WHERE rating_value = 2") == "Neutral"
+
+
+def test_applying_schema_keeps_an_exhibition_its_file_changed(conn):
+    """The upgrade step (`psql -f schema.sql`) must not turn a file's rename back into the
+    seed's name (SPEC §3: exhibitions belong to their files once one exists)."""
+    renamed = Exhibition(public_id="EXH_01", site=1, name="Adaptation: Insects Now",
+                         floor="2", department="Ecology", start_date=date(2024, 5, 1),
+                         description="Rewritten by the exhibition's file")
+    with load.transaction(conn) as cur:
+        assert load.upsert_exhibition(cur, renamed) == "updated"
+    before = rows(conn, MASTER)
+    load.apply_schema(conn, SCHEMA)
+    assert rows(conn, MASTER) == before
+    assert rows(conn, "SELECT exhibition_name, exhibition_description FROM exhibition "
+                      "WHERE public_id = 'EXH_01'") == [(renamed.name, renamed.description)]
+
+
+def test_applying_schema_inserts_a_missing_seed_exhibition(conn):
+    with load.transaction(conn) as cur:
+        cur.execute("DELETE FROM exhibition WHERE public_id = 'EXH_04'")
+    load.apply_schema(conn, SCHEMA)
+    assert rows(conn, MASTER)[4] == ("EXH_04", 4, "Our Polluted World", "Ecology", "3",
+                                     "2021-05-12")
 
 
 def test_seed_views_exist(conn):
