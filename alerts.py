@@ -385,8 +385,8 @@ class AlertSender:
     def _attempt(self) -> DeliveryFailed | None:
         """One delivery round; the failure (logged once per outage) when it must be retried."""
         try:
+            self._prune()  # first: a receiver that is away must not stop it
             self._deliver_pending()
-            self._prune()
         except DeliveryFailed as exc:
             self._report(f"the receiver at {shown_url(self.webhook.url)} failed ({exc})")
             return exc
