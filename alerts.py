@@ -160,7 +160,8 @@ def teams_message(payload: dict, zone: str) -> dict:
                       "size": "Large", "color": "Attention", "wrap": True},
                      {"type": "FactSet", "facts": [
                          {"title": "Exhibition", "value": str(payload["exhibition"])},
-                         {"title": "Site", "value": str(payload["site"])},
+                         {"title": "Site", "value": "-" if payload["site"] is None
+                          else str(payload["site"])},
                          {"title": "Local time", "value": f"{local:%H:%M:%S, %a %d %b %Y}"}]},
                      {"type": "TextBlock", "text": payload["id"], "size": "Small",
                       "isSubtle": True, "wrap": True}]}
@@ -174,7 +175,7 @@ def trial_payload(zone: str, now: datetime | None = None) -> dict:
     reads, so nobody on call runs to an exhibition."""
     local = (now or datetime.now(UTC)).astimezone(ZoneInfo(zone))
     return {"id": f"test://{local:%Y%m%dT%H%M%S}", "exhibition": "TEST (no exhibition)",
-            "site": 0, "at": local.isoformat(),
+            "site": None, "at": local.isoformat(),  # site 0 is a real exhibition
             "text": f"TEST ALERT, no emergency: the kiosk alert channel works ({local:%H:%M:%S})"}
 
 

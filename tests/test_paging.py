@@ -185,8 +185,8 @@ def test_the_test_alert_says_whether_the_channel_accepted_it(make_receiver, monk
     card = json.loads(raw["body"])["attachments"][0]["content"]
     print("teams test alert as received:", raw["body"].decode())
     assert card["body"][0]["text"].startswith("TEST ALERT, no emergency")
-    assert {f["title"]: f["value"] for f in card["body"][1]["facts"]}["Exhibition"] == \
-        "TEST (no exhibition)"
+    facts = {f["title"]: f["value"] for f in card["body"][1]["facts"]}
+    assert (facts["Exhibition"], facts["Site"]) == ("TEST (no exhibition)", "-")
     assert any(r.levelname == "INFO" and "test alert accepted by http://127.0.0.1" in
                r.getMessage() for r in caplog.records)
     caplog.clear()
@@ -387,3 +387,26 @@ def test_the_last_event_gauge_is_filled_from_the_database_right_after_a_restart(
     assert name.format(5) not in metrics  # never heard from: no series
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(20) == 0
+
+
+# --------------------------------------------------------------------------- upgrade
+def test_applying_schema_sql_again_upgrades_an_older_outbox_in_place(
+        conn, kafka_settings, topic, service_env, make_receiver, monkeypatch, caplog):
+    """The delivery columns and the prune function are added to an outbox of the previous
+    version, its pending alerts kept; until then the consumer says what to do in one line."""
+    monkeypatch.setenv("ALERT_WEBHOOK_URL", make_receiver().url)
+    [alert] = queue_emergencies(conn, kafka_settings, topic, [5])
+    with conn.cursor() as cur:  # the outbox as the previous version created it
+        cur.execute("ALTER TABLE alert_outbox DROP COLUMN attempts, DROP COLUMN last_error, "
+                    "DROP COLUMN next_attempt_at")
+        cur.execute("DROP FUNCTION prune_sent_alerts(integer)")
+    conn.commit()
+    assert run_consumer_in_process("--topic", topic, "--group", group_name(), "--stop-at-end") == 1
+    assert "consumer stopped: alerts need the alert_outbox table: apply schema.sql again" \
+        in caplog.text
+    load.apply_schema(conn, (test_consumer.PROJECT / "schema.sql").read_text())
+    assert outbox(conn) == {alert: (False, 0, None)}
+    with conn.cursor() as cur:
+        consumer.ensure_outbox(conn, local_db=False)  # no complaint now
+        cur.execute("SELECT prune_sent_alerts(90)")
+    conn.rollback()
