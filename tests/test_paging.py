@@ -27,6 +27,7 @@ import localstack
 import transform
 from helpers import rows, run_consumer_in_process, scalar
 from metrics import Metrics
+from settings import SettingsError, load_settings
 
 spawn = test_consumer.spawn  # the fixture: consumer.py subprocesses, killed after the test
 QUICK = alerts.SenderTiming(request_timeout=2, first_backoff=0.2, max_backoff=0.5,
@@ -276,6 +277,17 @@ def test_a_429_is_retried_after_its_retry_after(conn, kafka_settings, topic, mak
     first, second = receiver.seen("POST")
     assert (first["status"], second["status"]) == (429, 200)
     assert second["at"] - first["at"] >= 1.9  # not sooner than asked (a lower bound only)
+
+
+def test_the_format_and_the_retention_are_checked_settings():
+    assert load_settings({}).alert_webhook_format == "json"
+    assert load_settings({"ALERT_WEBHOOK_FORMAT": "Teams"}).alert_webhook_format == "teams"
+    assert load_settings({}).alert_retention_days == 90
+    assert load_settings({"ALERT_RETENTION_DAYS": "400"}).alert_retention_days == 400
+    for name, raw in (("ALERT_WEBHOOK_FORMAT", "adaptive"), ("ALERT_RETENTION_DAYS", "0"),
+                      ("ALERT_RETENTION_DAYS", "1.5")):
+        with pytest.raises(SettingsError, match=f"^{name} must be"):
+            load_settings({name: raw})
 
 
 def test_retry_after_reads_seconds_and_http_dates():
