@@ -8,17 +8,30 @@ that is down or slow holds alerts back (retried with backoff) but never holds a 
 a process killed between a POST and its mark sends that alert again on start (its `id` lets the
 receiver drop the repeat). The webhook URL is a secret (Slack puts a token in its path): only
 its scheme and host are ever logged.
+
+Delivery rules (SPEC §4.1): an alert is sent only when a POST of its body was answered 2xx. A
+redirect is never followed as a GET (urllib's default turns a 302 into one, and the GET's 200
+would mark an alert nobody received as sent): 307/308 are POSTed again to their Location,
+301/302/303 are a failure naming the status. A refusal of one alert (4xx other than 408/429)
+puts that row back with its own later retry time (`next_attempt_at`) and the round goes on, so
+it never holds back the alerts after it; anything else (5xx, 408, 429, no answer) is the
+receiver being away, and the round stops and backs off, a 429 for its `Retry-After`. Sent rows
+are kept ALERT_RETENTION_DAYS as the record of what was alerted, then pruned (by a function of
+schema.sql that deletes only sent rows); pending rows are never dropped.
 """
 from __future__ import annotations
 
+import email.utils
 import json
 import logging
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import pandas as pd
 import psycopg2
@@ -36,15 +49,40 @@ SELECT * FROM unnest(%s::int[], %s::bigint[], %s::text[], %s::timestamptz[], %s:
 ON CONFLICT (source_id, position) DO NOTHING
 """
 # One at a time, locked until marked: two consumers of one group never send the same alert.
+# Only rows that are due: a refused alert waits for its own next_attempt_at while the ones
+# after it go; the rows already tried in this round are left for the next.
 NEXT_PENDING = """
-SELECT source_id, position, id, payload::text FROM alert_outbox
-WHERE sent_at IS NULL
+SELECT source_id, position, id, payload::text, attempts FROM alert_outbox
+WHERE sent_at IS NULL AND (next_attempt_at IS NULL OR next_attempt_at <= now())
+  AND (source_id, position) NOT IN (SELECT * FROM unnest(%s::int[], %s::bigint[]))
 ORDER BY created_at, event_at, source_id, position
 LIMIT 1
 FOR UPDATE SKIP LOCKED
 """
 MARK_SENT = "UPDATE alert_outbox SET sent_at = now() WHERE source_id = %s AND position = %s"
-COUNT_PENDING = "SELECT count(*) FROM alert_outbox WHERE sent_at IS NULL"
+MARK_FAILED = """
+UPDATE alert_outbox SET attempts = attempts + 1, last_error = %s,
+       next_attempt_at = now() + make_interval(secs => %s)
+WHERE source_id = %s AND position = %s
+"""
+# How many are pending, and in how many seconds the next one is due (NULL: none, or now).
+COUNT_PENDING = """
+SELECT count(*), greatest(0, extract(epoch FROM min(next_attempt_at) - now()))::float8
+FROM alert_outbox WHERE sent_at IS NULL
+"""
+PRUNE_SENT = "SELECT prune_sent_alerts(%s)"
+PRUNE_EVERY_SECONDS = 3600.0
+LONGEST_RETRY_AFTER = 3600.0   # a Retry-After beyond an hour is taken as an hour
+LONGEST_REFUSED_RETRY = 3600.0  # a refused alert is tried again at least hourly
+
+
+@dataclass(frozen=True)
+class Webhook:
+    """Where alerts go and in which body (ALERT_WEBHOOK_URL, ALERT_WEBHOOK_FORMAT)."""
+
+    url: str = field(repr=False)  # a secret: Slack and Teams put a token in it
+    format: str = "json"
+    zone: str = "Europe/London"    # the local time a Teams card shows
 
 
 @dataclass(frozen=True)
@@ -101,6 +139,46 @@ def payload_of(source_uri: str, emergency: dict) -> dict:
             "site": emergency["site"], "at": emergency["at"]}
 
 
+def body_of(payload: dict, webhook_format: str, zone: str = "Europe/London") -> bytes:
+    """The bytes POSTed for one alert in the receiver's format. The outbox keeps the `json`
+    payload; the format is applied when sending, so a format changed while alerts are pending
+    applies to them too."""
+    if webhook_format == "slack":
+        return json.dumps({"text": payload["text"]}).encode()
+    if webhook_format == "teams":
+        return json.dumps(teams_message(payload, zone)).encode()
+    return json.dumps(payload).encode()
+
+
+def teams_message(payload: dict, zone: str) -> dict:
+    """A Microsoft Teams Workflows message: an Adaptive Card (the only thing a Workflows
+    webhook takes) saying the exhibition and the local time, the id in small print."""
+    local = datetime.fromisoformat(payload["at"]).astimezone(ZoneInfo(zone))
+    card = {"$schema": "http://adaptivecards.io/schemas/adaptive-card.json",
+            "type": "AdaptiveCard", "version": "1.4",
+            "body": [{"type": "TextBlock", "text": payload["text"], "weight": "Bolder",
+                      "size": "Large", "color": "Attention", "wrap": True},
+                     {"type": "FactSet", "facts": [
+                         {"title": "Exhibition", "value": str(payload["exhibition"])},
+                         {"title": "Site", "value": "-" if payload["site"] is None
+                          else str(payload["site"])},
+                         {"title": "Local time", "value": f"{local:%H:%M:%S, %a %d %b %Y}"}]},
+                     {"type": "TextBlock", "text": payload["id"], "size": "Small",
+                      "isSubtle": True, "wrap": True}]}
+    return {"type": "message", "summary": payload["text"],
+            "attachments": [{"contentType": "application/vnd.microsoft.card.adaptive",
+                             "contentUrl": None, "content": card}]}
+
+
+def trial_payload(zone: str, now: datetime | None = None) -> dict:
+    """The alert `consumer.py --test-alert` sends: marked as a test in every field a person
+    reads, so nobody on call runs to an exhibition."""
+    local = (now or datetime.now(UTC)).astimezone(ZoneInfo(zone))
+    return {"id": f"test://{local:%Y%m%dT%H%M%S}", "exhibition": "TEST (no exhibition)",
+            "site": None, "at": local.isoformat(),  # site 0 is a real exhibition
+            "text": f"TEST ALERT, no emergency: the kiosk alert channel works ({local:%H:%M:%S})"}
+
+
 def write_alerts(cur, fresh: list[dict], source_of: dict[int, int]) -> int:
     """Queue fresh emergencies in the outbox, inside the caller's (the batch's) transaction."""
     if not fresh:
@@ -123,19 +201,57 @@ def shown_url(url: str) -> str:
 
 
 class DeliveryFailed(Exception):
-    """The receiver did not answer 2xx in time; the message never contains the URL."""
+    """The receiver did not accept the alert; the message never contains the URL.
+
+    `refused`: the receiver turned this alert down (4xx other than 408/429): the others may
+    still go. `retry_after`: seconds the receiver asked us to wait (429).
+    """
+
+    def __init__(self, why: str, refused: bool = False, retry_after: float | None = None):
+        super().__init__(why)
+        self.refused = refused
+        self.retry_after = retry_after
 
 
-def post_json(url: str, body: bytes, timeout: float) -> None:
-    """POST one alert; DeliveryFailed unless the receiver answers 2xx within `timeout` s."""
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Redirects come back as HTTPError: post_json decides, never urllib (which would GET)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+REPOST = (307, 308)   # the method and body are kept: POST again to Location
+MAX_REDIRECTS = 3
+
+
+def post_json(url: str, body: bytes, timeout: float) -> int:
+    """POST one alert; its 2xx status, or DeliveryFailed. 307/308 are followed as POSTs (at
+    most MAX_REDIRECTS); any other answer, 301/302/303 included, is a failure naming it."""
+    for _ in range(MAX_REDIRECTS + 1):
+        try:
+            return _post_once(url, body, timeout)
+        except urllib.error.HTTPError as exc:
+            location = exc.headers.get("Location") if exc.headers else None
+            if exc.code in REPOST and location:
+                url = urllib.parse.urljoin(url, location)
+                if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+                    raise DeliveryFailed(f"HTTP {exc.code} to a location that is not http(s)") \
+                        from None
+                continue
+            raise failure_of(exc) from None
+    raise DeliveryFailed(f"more than {MAX_REDIRECTS} redirects")
+
+
+def _post_once(url: str, body: bytes, timeout: float) -> int:
     request = urllib.request.Request(url, data=body, method="POST",
                                      headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - http(s) checked in settings
+        with _OPENER.open(request, timeout=timeout) as response:
             response.read(65536)
             status = response.status
-    except urllib.error.HTTPError as exc:
-        raise DeliveryFailed(f"HTTP {exc.code}") from None
+    except urllib.error.HTTPError:
+        raise
     except TimeoutError:
         raise DeliveryFailed(f"no answer within {timeout:g} s") from None
     except urllib.error.URLError as exc:
@@ -146,8 +262,43 @@ def post_json(url: str, body: bytes, timeout: float) -> None:
         raise DeliveryFailed(str(text)) from None
     except (OSError, ValueError) as exc:  # connection reset, bad status line...
         raise DeliveryFailed(type(exc).__name__) from None
-    if not 200 <= status < 300:
+    if not 200 <= status < 300:  # a 1xx/3xx urllib did not raise for
         raise DeliveryFailed(f"HTTP {status}")
+    return status
+
+
+def failure_of(exc: urllib.error.HTTPError) -> DeliveryFailed:
+    """What an error status means for the sender: this alert refused, or the receiver away."""
+    code = exc.code
+    if 300 <= code < 400:
+        where = exc.headers.get("Location") if exc.headers else None
+        to = f" to {shown_url(urllib.parse.urljoin(exc.url or '', where))}" if where else ""
+        return DeliveryFailed(f"HTTP {code} redirect{to}, not followed (only 307/308 keep the "
+                              "POST): set ALERT_WEBHOOK_URL to the final address")
+    if code == 429:
+        return DeliveryFailed("HTTP 429 too many requests",
+                              retry_after=retry_after_seconds(exc.headers.get("Retry-After")))
+    if 400 <= code < 500 and code != 408:
+        return DeliveryFailed(f"HTTP {code}", refused=True)
+    return DeliveryFailed(f"HTTP {code}")
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """A Retry-After header (delay-seconds or an HTTP-date) as seconds from now, at most
+    LONGEST_RETRY_AFTER; None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return min(float(value), LONGEST_RETRY_AFTER)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    delay = when.timestamp() - (time.time() if now is None else now)
+    return min(max(delay, 0.0), LONGEST_RETRY_AFTER)
 
 
 @dataclass(frozen=True)
@@ -158,6 +309,12 @@ class SenderTiming:
     first_backoff: float = 0.5       # after a failure; doubles up to max_backoff
     max_backoff: float = 30.0
     poll_seconds: float = 5.0        # look at the outbox at least this often (other writers)
+    retention_days: int = 90         # sent rows kept this long, then pruned
+
+    def refused_retry(self, attempts: int) -> float:
+        """Seconds until a refused alert is tried again: max_backoff, doubling per refusal, at
+        most hourly. Someone may fix the receiver (or its schema) at any time."""
+        return min(self.max_backoff * 2 ** min(attempts, 20), LONGEST_REFUSED_RETRY)
 
 
 class AlertSender:
@@ -165,12 +322,13 @@ class AlertSender:
 
     `wake()` (called by the consumer after a batch that queued alerts has committed) starts a
     delivery at once, so an alert follows its event by milliseconds; otherwise it looks every
-    `poll_seconds`. `metrics` has `alert_sent()` and `alerts_pending(n)` (metrics.Metrics).
+    `poll_seconds`, or sooner when a refused alert is due again. `metrics` has `alert_sent()`,
+    `alert_refused()` and `alerts_pending(n)` (metrics.Metrics).
     """
 
-    def __init__(self, database: DatabaseSettings, url: str, timing: SenderTiming = SenderTiming(),
-                 metrics=None):
-        self.url = url
+    def __init__(self, database: DatabaseSettings, webhook: Webhook,
+                 timing: SenderTiming = SenderTiming(), metrics=None):
+        self.webhook = webhook
         self.timing = timing
         self.metrics = metrics
         self.db = load.LazyConnection(database)
@@ -178,9 +336,13 @@ class AlertSender:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="alert-sender", daemon=True)
         self._trouble: str | None = None  # what is wrong now, logged once per outage
+        self._next_due: float | None = None  # seconds until a held-back refused alert is due
+        self._pruned_at: float | None = None
 
     def start(self) -> None:
-        log.info("alerts: fresh emergencies are POSTed to %s", shown_url(self.url))
+        log.info("alerts: fresh emergencies are POSTed to %s as %s; sent alerts are kept %d "
+                 "days", shown_url(self.webhook.url), self.webhook.format,
+                 self.timing.retention_days)
         self._thread.start()
 
     def wake(self) -> None:
@@ -204,50 +366,103 @@ class AlertSender:
         while True:
             final = self._stop.is_set()  # asked to stop: one last round, then out
             self._wake.clear()  # before looking, so a wake during a delivery is not lost
-            delivered = self._attempt()
+            failure = self._attempt()
             if final:
                 break
-            if delivered:
+            if failure is None:
                 delay = self.timing.first_backoff
-                self._wake.wait(self.timing.poll_seconds)
+                self._wake.wait(self._idle_wait())
                 continue
-            if self._stop.wait(delay):  # a wake does not cut a backoff short; a stop does
+            wait = delay if failure.retry_after is None else max(failure.retry_after, delay)
+            if self._stop.wait(wait):  # a wake does not cut a backoff short; a stop does
                 break
             delay = min(delay * 2, self.timing.max_backoff)
 
-    def _attempt(self) -> bool:
-        """One delivery round; False (logged once per outage) when it has to be retried."""
+    def _idle_wait(self) -> float:
+        if self._next_due is None:
+            return self.timing.poll_seconds
+        return min(self.timing.poll_seconds, max(self._next_due, 0.05))
+
+    def _attempt(self) -> DeliveryFailed | None:
+        """One delivery round; the failure (logged once per outage) when it must be retried."""
         try:
+            self._prune()  # first: a receiver that is away must not stop it
             self._deliver_pending()
         except DeliveryFailed as exc:
-            self._report(f"the receiver at {shown_url(self.url)} failed ({exc})")
-            return False
+            self._report(f"the receiver at {shown_url(self.webhook.url)} failed ({exc})")
+            return exc
         except (psycopg2.Error, load.DatabaseError) as exc:
             self.db.drop()
             self._report(f"the database is unavailable to the sender ({first_line(exc)})")
-            return False
+            return DeliveryFailed("database")
         self._recovered()
-        return True
+        return None
 
     def _deliver_pending(self) -> None:
-        """Send pending alerts one by one until none is left (or another sender holds it)."""
+        """Send the due alerts one by one until none is left (or another sender holds them);
+        a refused one is put back with its own retry time and the round goes on."""
         conn = self.db.get()
+        tried: tuple[list[int], list[int]] = ([], [])
         while True:
             with load.transaction(conn) as cur:
-                cur.execute(NEXT_PENDING)
+                cur.execute(NEXT_PENDING, tried)
                 row = cur.fetchone()
                 if row is None:
                     cur.execute(COUNT_PENDING)
-                    self._set_pending(cur.fetchone()[0])
+                    self._set_pending(*cur.fetchone())
                     return
-                source_id, position, alert, payload = row
-                post_json(self.url, payload.encode(), self.timing.request_timeout)
-                cur.execute(MARK_SENT, (source_id, position))
-            log.info("alert delivered: %s", alert)
-            if self.metrics is not None:
-                self.metrics.alert_sent()
+                source_id, position, alert, payload, attempts = row
+                tried[0].append(source_id)
+                tried[1].append(position)
+                away = self._send_one(cur, row)
+            if away is not None:  # raised after the commit, which keeps the attempt's record
+                raise away
 
-    def _set_pending(self, count: int) -> None:
+    def _send_one(self, cur, row: tuple) -> DeliveryFailed | None:
+        """POST one locked row and record the outcome in its transaction; the failure when
+        the receiver is away, which ends the round."""
+        source_id, position, alert, payload, attempts = row
+        body = body_of(json.loads(payload), self.webhook.format, self.webhook.zone)
+        try:
+            post_json(self.webhook.url, body, self.timing.request_timeout)
+        except DeliveryFailed as exc:
+            retry = self.timing.refused_retry(attempts) if exc.refused else 0.0
+            cur.execute(MARK_FAILED, (str(exc), retry, source_id, position))
+            if not exc.refused:
+                return exc
+            self._refused(alert, exc, attempts, retry)
+            return None
+        cur.execute(MARK_SENT, (source_id, position))
+        log.info("alert delivered: %s", alert)
+        if self.metrics is not None:
+            self.metrics.alert_sent()
+        return None
+
+    def _refused(self, alert: str, exc: DeliveryFailed, attempts: int, retry: float) -> None:
+        """One ERROR line per refused alert (its later refusals are DEBUG), and the count."""
+        level = logging.ERROR if attempts == 0 else logging.DEBUG
+        log.log(level, "alert %s refused by the receiver at %s (%s): the alerts after it go "
+                "on; this one is tried again in %.0f s and then less often (see alert_outbox."
+                "last_error)", alert, shown_url(self.webhook.url), exc, retry)
+        if self.metrics is not None:
+            self.metrics.alert_refused()
+
+    def _prune(self) -> None:
+        """Delete sent alerts older than the retention, at start and hourly (never a pending
+        one: schema.sql's prune_sent_alerts only deletes sent rows)."""
+        now = time.monotonic()
+        if self._pruned_at is not None and now - self._pruned_at < PRUNE_EVERY_SECONDS:
+            return
+        with load.transaction(self.db.get()) as cur:
+            cur.execute(PRUNE_SENT, (self.timing.retention_days,))
+            pruned = cur.fetchone()[0]
+        self._pruned_at = now
+        if pruned:
+            log.info("alerts: pruned %d sent alert(s) older than %d days", pruned,
+                     self.timing.retention_days)
+
+    def _set_pending(self, count: int, next_due: float | None = None) -> None:
+        self._next_due = next_due
         if self.metrics is not None:
             self.metrics.alerts_pending(count)
 
@@ -258,11 +473,23 @@ class AlertSender:
         try:
             with load.transaction(self.db.get()) as cur:
                 cur.execute(COUNT_PENDING)
-                self._set_pending(cur.fetchone()[0])
+                self._set_pending(*cur.fetchone())
         except (psycopg2.Error, load.DatabaseError):
             self.db.drop()
 
     def _recovered(self) -> None:
         if self._trouble is not None:
-            log.info("alerts: delivering again; every held alert has been sent")
+            log.info("alerts: the receiver is accepting alerts again; the held ones have been sent")
             self._trouble = None
+
+
+def send_test_alert(webhook: Webhook, timeout: float) -> tuple[bool, str]:
+    """`consumer.py --test-alert`: one test alert through the configured webhook and format,
+    no database or broker involved; (accepted, what happened) for the person on call."""
+    body = body_of(trial_payload(webhook.zone), webhook.format, webhook.zone)
+    where = f"{shown_url(webhook.url)} ({webhook.format} format)"
+    try:
+        status = post_json(webhook.url, body, timeout)
+    except DeliveryFailed as exc:
+        return False, f"test alert NOT accepted by {where}: {exc}"
+    return True, f"test alert accepted by {where}: HTTP {status}; check that it shows in the channel"

@@ -18,6 +18,7 @@ import logging
 import re
 import signal
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -58,6 +59,9 @@ HANDSHAKE_STATES = frozenset({"SSL_HANDSHAKE", "AUTH_LEGACY", "AUTH_HANDSHAKE", 
 # librdkafka's log line for a connection dropped before it was up (a plaintext client at a
 # TLS listener is dropped in APIVERSION_QUERY); only the log says where, not the error callback.
 HANDSHAKE_FAILURE = re.compile(r"in state (SSL_HANDSHAKE|AUTH_\w+|APIVERSION_QUERY)\)")
+# With metrics on, an idle consumer asks the database this often whether it is there, so that
+# lmnh_database_up goes to 0 within seconds even when no event arrives to be stored.
+DATABASE_PROBE_SECONDS = 2.0
 
 
 class OneLinePerOutage(logging.Filter):
@@ -224,6 +228,7 @@ class KioskConsumer:
         self.alerting, self.sender = alerting_of(settings, metrics)
         self.stored_next: dict[int, int] = {}  # partition -> next offset stored, for the lag
         self.lag_updated = 0.0
+        self.probed = time.monotonic()
         session_timeout_ms = options.session_timeout_ms
         config = {**settings.kafka.client_config(), "group.id": options.group,
                   "enable.auto.commit": False, "enable.auto.offset.store": False,
@@ -388,10 +393,7 @@ class KioskConsumer:
                 if not load.is_transient(exc):
                     raise FatalError(f"database refused us: {text}") from None
                 self.db.drop()
-                if self.db_down_since is None:
-                    self.db_down_since = time.monotonic()
-                    log.warning("database unavailable (%s); holding the batch and retrying "
-                                "with backoff", text)
+                self._database_down(text)
                 if self.fatal:
                     raise FatalError(self.fatal) from None
                 if self.stopping:
@@ -401,11 +403,38 @@ class KioskConsumer:
                 self._wait(delay)
                 delay = min(delay * 2, 10.0)
                 continue
-            if self.db_down_since is not None:
-                log.info("database is back after %.1f s; carrying on",
-                         time.monotonic() - self.db_down_since)
-                self.db_down_since = None
+            self._database_back()
             return result
+
+    def _database_down(self, why: str) -> None:
+        """One WARNING per outage, and lmnh_database_up 0 (the rules page on it)."""
+        self.metrics.database_up(False)
+        if self.db_down_since is None:
+            self.db_down_since = time.monotonic()
+            log.warning("database unavailable (%s); holding the batch and retrying with "
+                        "backoff", why)
+
+    def _database_back(self) -> None:
+        self.metrics.database_up(True)
+        if self.db_down_since is not None:
+            log.info("database is back after %.1f s; carrying on",
+                     time.monotonic() - self.db_down_since)
+            self.db_down_since = None
+
+    def _probe_database(self) -> None:
+        """While idle with metrics on, a `SELECT 1` every DATABASE_PROBE_SECONDS: an outage
+        shows in lmnh_database_up before any event needs storing."""
+        if not self.metrics.enabled or time.monotonic() - self.probed < DATABASE_PROBE_SECONDS:
+            return
+        try:
+            with load.transaction(self.db.get()) as cur:
+                cur.execute("SELECT 1")
+        except (psycopg2.Error, load.DatabaseError) as exc:
+            self.db.drop()
+            self._database_down(load.describe_error(exc))
+        else:
+            self._database_back()
+        self.probed = time.monotonic()
 
     def _wait(self, seconds: float) -> None:
         """Sleep while keeping group membership alive (paused partitions deliver nothing)."""
@@ -420,6 +449,9 @@ class KioskConsumer:
                 # fetched before the pause took hold: rewind, or it is skipped for good
                 self.consumer.seek(TopicPartition(message.topic(), message.partition(),
                                                   message.offset()))
+            # paused, no fetch brings a new log end: ask the broker (SPEC §4.1: the lag stays
+            # current while the database is away)
+            self._update_lag(after_batch=False, ask_broker=True)
         assignment = self.consumer.assignment()
         if assignment:
             self.consumer.resume(assignment)
@@ -458,6 +490,8 @@ class KioskConsumer:
                     log.info("all assigned partitions are at their end; stopping")
                     break
                 self._update_lag(after_batch=bool(messages))
+                if not messages:
+                    self._probe_database()
                 if time.monotonic() - last_report >= 30:
                     done = self.totals.messages - reported
                     log.info("throughput: %d messages in %.0f s (%.0f msg/s)", done,
@@ -531,10 +565,13 @@ class KioskConsumer:
                  "" if not result.rejected else " " + ", ".join(
                      f"{k}={v}" for k, v in sorted(result.rejected.items())))
 
-    def _update_lag(self, after_batch: bool) -> None:
+    def _update_lag(self, after_batch: bool, ask_broker: bool = False) -> None:
         """lmnh_partition_lag after each batch, and once a second when idle: the high watermark
         librdkafka cached from the last fetch response (no request to the broker; Tansu's
-        answer to a watermark request is too low, SPEC §5) minus the stored next offset."""
+        answer to a watermark request is too low, SPEC §5) minus the stored next offset.
+        `ask_broker` (while the partitions are paused for a database outage, so no fetch
+        brings news): the larger of the cached and the broker's answer, exact on Kafka and
+        still growing with the log on Tansu."""
         if not self.metrics.enabled or (
                 not after_batch and time.monotonic() - self.lag_updated < 1.0):
             return
@@ -544,6 +581,8 @@ class KioskConsumer:
             tp = TopicPartition(self.topic, partition)
             try:
                 _, high = self.consumer.get_watermark_offsets(tp, cached=True)
+                if ask_broker and not self.broker_down:  # else each ask waits 1 s
+                    high = max(high, self.consumer.get_watermark_offsets(tp, timeout=1)[1])
                 stored = self.stored_next.get(partition)
                 if stored is None:
                     stored = self.consumer.position([tp])[0].offset
@@ -581,8 +620,14 @@ def alerting_of(settings: Settings, metrics: Metrics
         return alerting, None
     timing = alerts.SenderTiming(request_timeout=settings.alert_timeout_seconds,
                                  max_backoff=settings.alert_retry_max_seconds,
-                                 first_backoff=min(0.5, settings.alert_retry_max_seconds))
-    return alerting, alerts.AlertSender(settings.database, url, timing, metrics)
+                                 first_backoff=min(0.5, settings.alert_retry_max_seconds),
+                                 retention_days=settings.alert_retention_days)
+    return alerting, alerts.AlertSender(settings.database, webhook_of(settings), timing, metrics)
+
+
+def webhook_of(settings: Settings) -> alerts.Webhook:
+    return alerts.Webhook(settings.alert_webhook_url, settings.alert_webhook_format,
+                          transform.Rules().zone)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -616,11 +661,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="POST fresh emergency calls to this webhook (default: "
                              "$ALERT_WEBHOOK_URL; prefer the setting: a URL on the command line "
                              "is visible to every user of the machine)")
+    parser.add_argument("--test-alert", action="store_true",
+                        help="send one test alert (marked TEST, no emergency) through the "
+                             "configured webhook and format, say whether it was accepted, and "
+                             "exit (0 accepted, 1 not); needs no database or broker")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details (DEBUG)")
     return parser
 
 
-OUTBOX_EXISTS = "SELECT to_regclass('alert_outbox') IS NOT NULL"
+# The outbox as this version uses it: the table, its delivery columns and the prune function.
+OUTBOX_EXISTS = """
+SELECT to_regclass('alert_outbox') IS NOT NULL
+   AND to_regprocedure('prune_sent_alerts(integer)') IS NOT NULL
+   AND EXISTS (SELECT FROM information_schema.columns WHERE table_schema = current_schema()
+               AND table_name = 'alert_outbox' AND column_name = 'next_attempt_at')
+"""
 
 
 def ensure_outbox(conn, local_db: bool) -> None:
@@ -631,10 +686,54 @@ def ensure_outbox(conn, local_db: bool) -> None:
     if present:
         return
     if not local_db:
-        raise FatalError("alerts need the alert_outbox table: apply schema.sql again (it only "
-                         "adds what is missing) and then roles.sql")
+        raise FatalError("alerts need the alert_outbox table: apply schema.sql "
+                         "again (it only adds what is missing) and then roles.sql")
     log.info("adding the alert outbox to the local database from %s", SCHEMA_FILE.name)
     load.apply_schema(conn, SCHEMA_FILE.read_text())
+
+
+def run_test_alert(settings: Settings) -> int:
+    """--test-alert: what the person on call runs to see the channel work (or why not)."""
+    if settings.alert_webhook_url is None:
+        raise SettingsError("ALERT_WEBHOOK_URL is not set (--test-alert sends through it)")
+    accepted, what = alerts.send_test_alert(webhook_of(settings), settings.alert_timeout_seconds)
+    (log.info if accepted else log.error)("%s", what)
+    return EXIT_OK if accepted else EXIT_FAILED
+
+
+LAST_EVENTS = """
+SELECT e.site, extract(epoch FROM max(n.at))::float8
+FROM (SELECT exhibition_id, max(event_at) AS at FROM rating_interaction GROUP BY 1
+      UNION ALL
+      SELECT exhibition_id, max(event_at) FROM request_interaction GROUP BY 1) n
+JOIN exhibition e USING (exhibition_id)
+GROUP BY e.site
+"""
+
+
+def seed_last_events(settings: Settings, metrics: Metrics) -> None:
+    """Fill lmnh_site_last_event_timestamp_seconds from the database, in a thread of its own
+    (a scan of the event tables must not hold consumption back), so that a kiosk that died
+    before this start is flagged as silent too (SPEC §4.1)."""
+    if not metrics.enabled:
+        return
+
+    def seed() -> None:
+        try:
+            conn = load.connect(settings.database)
+            try:
+                with load.transaction(conn) as cur:
+                    cur.execute(LAST_EVENTS)
+                    newest = {int(site): at for site, at in cur.fetchall()}
+            finally:
+                conn.close()
+        except (psycopg2.Error, load.DatabaseError) as exc:
+            log.warning("newest event per site not read at start (%s); the gauge fills as "
+                        "events arrive", first_line(exc))
+            return
+        metrics.seed_last_events(newest)
+
+    threading.Thread(target=seed, name="seed-last-events", daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -652,6 +751,8 @@ def main(argv: list[str] | None = None) -> int:
             secrets.append(args.alert_webhook)
             protect_secrets([args.alert_webhook])
         settings = load_settings(env)
+        if args.test_alert:
+            return run_test_alert(settings)
         local_db = settings.database is None
         settings = localstack.resolve(settings, ("postgres", "kafka"))
         conn = load.connect(settings.database)
@@ -666,8 +767,9 @@ def main(argv: list[str] | None = None) -> int:
                                   max_messages=args.max_messages, batch_size=args.batch_size,
                                   session_timeout_ms=args.session_timeout_ms,
                                   stop_at_end=args.stop_at_end)
-        worker = KioskConsumer(settings, options,
-                               Metrics(args.metrics_port, args.metrics_host, rules), rules)
+        metrics = Metrics(args.metrics_port, args.metrics_host, rules)
+        worker = KioskConsumer(settings, options, metrics, rules)
+        seed_last_events(settings, metrics)
         signal.signal(signal.SIGINT, worker.request_stop)
         signal.signal(signal.SIGTERM, worker.request_stop)
         log.info("consuming %s as group %s from %s", worker.topic, args.group,

@@ -6,6 +6,7 @@ rules built on them.
 """
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
@@ -64,11 +65,18 @@ class Metrics:
                                     registry=registry)
         self.pending = Gauge("lmnh_alerts_pending", "Emergency alerts stored but not yet "
                              "delivered", registry=registry)
+        self.refused = PCounter("lmnh_alerts_refused", "Deliveries the receiver refused (a 4xx "
+                                "other than 408/429); the alert is retried later",
+                                registry=registry)
+        self.database = Gauge("lmnh_database_up", "1 while the consumer reaches PostgreSQL, 0 "
+                              "while it waits for it", registry=registry)
+        self.database.set(1)
         if rules is not None:
             Gauge("lmnh_museum_open", "1 during the configured opening hours (museum time)",
                   registry=registry).set_function(lambda: float(museum_open(rules)))
         self.lag_partitions: set[int] = set()
         self.newest: dict[int, float] = {}
+        self.newest_lock = threading.Lock()  # the loop and the start-up seed both move it
         start_http_server(port, addr=host, registry=registry)
 
     def observe(self, result: BatchResult, seconds: float) -> None:
@@ -81,10 +89,7 @@ class Metrics:
         self.latency.observe(seconds)
         for partition, offset in result.next_offsets.items():
             self.offset.labels(str(partition)).set(offset)
-        for site, at in result.last_event_at.items():
-            if at > self.newest.get(site, 0.0):  # a late event does not move it back
-                self.newest[site] = at
-                self.last_event.labels(str(site)).set(at)
+        self._newer_events(result.last_event_at)
 
     def observe_lag(self, lag: dict[int, int]) -> None:
         """Set the lag of the assigned partitions; partitions no longer assigned disappear."""
@@ -95,6 +100,27 @@ class Metrics:
         for partition, value in lag.items():
             self.lag.labels(str(partition)).set(value)
         self.lag_partitions = set(lag)
+
+    def seed_last_events(self, newest: dict[int, float]) -> None:
+        """The newest stored event per site, read from the database at start: a kiosk that
+        went silent before a restart is still seen (it never sends again to be counted)."""
+        if self.enabled:
+            self._newer_events(newest)
+
+    def _newer_events(self, newest: dict[int, float]) -> None:
+        with self.newest_lock:
+            for site, at in newest.items():
+                if at > self.newest.get(site, 0.0):  # a late event does not move it back
+                    self.newest[site] = at
+                    self.last_event.labels(str(site)).set(at)
+
+    def database_up(self, up: bool) -> None:
+        if self.enabled:
+            self.database.set(1 if up else 0)
+
+    def alert_refused(self) -> None:
+        if self.enabled:
+            self.refused.inc()
 
     def alert_sent(self) -> None:
         if self.enabled:

@@ -27,6 +27,7 @@ if __name__ == "__main__":
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections import Counter
@@ -34,6 +35,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 
 import psycopg2
 
@@ -339,13 +341,95 @@ def build_parser() -> argparse.ArgumentParser:
                         help="reload every kiosk object even if its ETag is unchanged")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bar even on a terminal")
+    parser.add_argument("--metrics-textfile", default=None, metavar="PATH",
+                        help="after the run, write its outcome for node_exporter's textfile "
+                             "collector to PATH (e.g. /var/lib/node_exporter/textfile/"
+                             "lmnh_batch.prom): last run, last success, counts")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details (DEBUG)")
     return parser
+
+
+# --------------------------------------------------------------------------- metrics textfile
+LAST_SUCCESS = "lmnh_batch_last_success_timestamp_seconds"
+
+
+def previous_success(path: Path) -> float:
+    """The last success recorded in an earlier textfile (0: none yet): a failed run carries
+    it over, so `time() - last success` keeps growing until a run succeeds again."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return 0.0
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name == LAST_SUCCESS:
+            try:
+                return float(value)
+            except ValueError:
+                return 0.0
+    return 0.0
+
+
+def textfile_lines(code: int, summary: RunSummary | None, now: float, last_success: float
+                   ) -> list[str]:
+    """The run's outcome in Prometheus' text format (node_exporter's textfile collector)."""
+    def metric(name: str, kind: str, text: str, values: dict[str, float]) -> list[str]:
+        return [f"# HELP {name} {text}", f"# TYPE {name} {kind}",
+                *(f"{name}{labels} {value:.17g}" for labels, value in values.items())]
+
+    ok = code == EXIT_OK
+    out = metric("lmnh_batch_last_run_timestamp_seconds", "gauge",
+                 "Unix time the last pipeline.py run ended, whatever its outcome", {"": now})
+    out += metric(LAST_SUCCESS, "gauge", "Unix time the last successful pipeline.py run "
+                  "ended (0: none recorded)", {"": now if ok else last_success})
+    out += metric("lmnh_batch_last_run_success", "gauge", "1 if the last run succeeded",
+                  {"": 1 if ok else 0})
+    out += metric("lmnh_batch_last_run_exit_code", "gauge", "Exit code of the last run",
+                  {"": code})
+    if summary is not None:
+        events = summary.events
+        out += metric("lmnh_batch_last_run_seconds", "gauge", "Duration of the last run",
+                      {"": summary.seconds})
+        out += metric("lmnh_batch_last_run_objects", "gauge", "Kiosk objects of the last run "
+                      "by outcome", {f'{{outcome="{k}"}}': v for k, v in (
+                          ("loaded", summary.objects_loaded), ("skipped", summary.objects_skipped),
+                          ("failed", len(summary.objects_failed)))})
+        out += metric("lmnh_batch_last_run_events", "gauge", "Events of the last run by "
+                      "outcome", {f'{{outcome="{k}"}}': v for k, v in (
+                          ("rating", events.ratings), ("request", events.requests),
+                          ("rejected", events.rejected_total))})
+    return out
+
+
+def write_textfile(path: Path, code: int, summary: RunSummary | None) -> None:
+    """Written to a temporary file beside PATH and renamed over it: node_exporter never reads
+    half a file."""
+    lines = textfile_lines(code, summary, time.time(), previous_success(path))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text("\n".join(lines) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_output, "pipeline", args.log_file, args.verbose)
+    done: list[RunSummary] = []
+    code = run_cli(args, done)
+    if args.metrics_textfile:
+        try:
+            write_textfile(Path(args.metrics_textfile), code, done[0] if done else None)
+        except OSError as exc:
+            log.error("cannot write the metrics textfile %s: %s", args.metrics_textfile,
+                      exc.strerror or type(exc).__name__)
+            return code or EXIT_FAILED
+    return code
+
+
+def run_cli(args: argparse.Namespace, done: list[RunSummary]) -> int:
+    """The run as the command line asked for it; its summary is appended to `done`."""
     secrets: list[str] = []
     try:
         env, secrets = read_protected_environment()
@@ -357,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
                              and args.log_output == "console")
         settings = localstack.resolve(settings, ("postgres", "s3"))
         summary = run(settings, options)
+        done.append(summary)
     except SettingsError as exc:
         log.error("configuration error: %s", redact(str(exc), secrets))
         return EXIT_CONFIG

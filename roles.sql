@@ -118,8 +118,13 @@ BEGIN
     -- where, what and when an event was (source, locator, payload, rejected_at) stay as stored.
     EXECUTE format('GRANT UPDATE (reason, detail) ON %1$I.rejected_event TO lmnh_loader', s);
     -- The alert outbox: consumer.py adds alerts with its events and its sender marks them
-    -- sent (UPDATE of sent_at); nothing deletes them.
+    -- sent or failed (UPDATE of sent_at, attempts, last_error, next_attempt_at). No DELETE:
+    -- sent rows past their retention go through prune_sent_alerts (schema.sql), which never
+    -- touches a pending one.
     EXECUTE format('GRANT SELECT, INSERT, UPDATE ON %1$I.alert_outbox TO lmnh_loader', s);
+    EXECUTE format('REVOKE EXECUTE ON FUNCTION %1$I.prune_sent_alerts(integer) FROM PUBLIC, '
+                   'lmnh_analyst', s);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION %1$I.prune_sent_alerts(integer) TO lmnh_loader', s);
     -- Identity columns draw from their sequences without a grant; this is for any serial
     -- column a future schema might add.
     EXECUTE format('GRANT USAGE ON ALL SEQUENCES IN SCHEMA %I TO lmnh_loader', s);

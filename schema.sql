@@ -301,6 +301,38 @@ CREATE TABLE IF NOT EXISTS alert_outbox (
 -- The sender's queue: pending alerts in the order they were stored.
 CREATE INDEX IF NOT EXISTS alert_outbox_pending_idx ON alert_outbox (created_at, event_at)
     WHERE sent_at IS NULL;
+-- Delivery state per alert (added in place: applying this file again is the upgrade): how
+-- often it was tried, why the last try failed, and when it is due again. A receiver refusing
+-- one alert (a 4xx) pushes only that row's next_attempt_at, so the alerts after it still go.
+-- NULL next_attempt_at: due now.
+ALTER TABLE alert_outbox ADD COLUMN IF NOT EXISTS attempts INT NOT NULL DEFAULT 0;
+ALTER TABLE alert_outbox ADD COLUMN IF NOT EXISTS last_error TEXT;
+ALTER TABLE alert_outbox ADD COLUMN IF NOT EXISTS next_attempt_at TIMESTAMPTZ;
+
+-- Sent alerts are the record of what was alerted; the sender prunes them after its retention
+-- (ALERT_RETENTION_DAYS) through this function, which deletes sent rows only, and keeps a day
+-- at least: the loader role has no DELETE on the outbox, so no pending alert is ever dropped.
+-- SECURITY DEFINER: it runs as the owner of the table, so its search_path is pinned (pg_temp
+-- last, as above) and EXECUTE is taken from PUBLIC (roles.sql gives it to the loader).
+CREATE OR REPLACE FUNCTION prune_sent_alerts(keep_days INT) RETURNS BIGINT
+LANGUAGE plpgsql SECURITY DEFINER AS $$
+DECLARE
+    pruned BIGINT;
+BEGIN
+    IF keep_days IS NULL OR keep_days < 1 THEN
+        RAISE EXCEPTION 'prune_sent_alerts: keep_days must be at least 1, got %', keep_days;
+    END IF;
+    DELETE FROM alert_outbox
+    WHERE sent_at IS NOT NULL AND sent_at < now() - make_interval(days => keep_days);
+    GET DIAGNOSTICS pruned = ROW_COUNT;
+    RETURN pruned;
+END $$;
+DO $$
+BEGIN
+    EXECUTE format('ALTER FUNCTION prune_sent_alerts(integer) SET search_path = %I, pg_temp',
+                   current_schema());
+END $$;
+REVOKE EXECUTE ON FUNCTION prune_sent_alerts(integer) FROM PUBLIC;
 
 -- ---------------------------------------------------------------- seed master data
 -- Each seed row is inserted only when missing (WHERE NOT EXISTS): an `INSERT ... ON CONFLICT`

@@ -95,6 +95,8 @@ class Settings:
     alert_max_age_minutes: int = 15
     alert_timeout_seconds: float = 5.0      # per POST to the webhook
     alert_retry_max_seconds: float = 30.0   # longest backoff between attempts
+    alert_webhook_format: str = "json"      # json | slack | teams (WEBHOOK_FORMATS)
+    alert_retention_days: int = 90          # sent alerts kept this long in alert_outbox
 
     def with_services(self, **services) -> Settings:
         return replace(self, **services)
@@ -217,6 +219,27 @@ def _webhook(env: Mapping[str, str]) -> str | None:
     return url
 
 
+WEBHOOK_FORMATS = ("json", "slack", "teams")
+
+
+def _webhook_format(env: Mapping[str, str]) -> str:
+    """ALERT_WEBHOOK_FORMAT: the body the receiver takes (Teams Workflows: an Adaptive Card)."""
+    value = (_get(env, "ALERT_WEBHOOK_FORMAT") or "json").lower()
+    if value not in WEBHOOK_FORMATS:
+        raise SettingsError(f"ALERT_WEBHOOK_FORMAT must be one of {', '.join(WEBHOOK_FORMATS)}, "
+                            f"got {value!r}")
+    return value
+
+
+def _days(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or int(raw) <= 0:
+        raise SettingsError(f"{name} must be a whole number of days above 0, got {raw!r}")
+    return int(raw)
+
+
 def _minutes(env: Mapping[str, str], name: str, default: int) -> int:
     raw = _get(env, name)
     if raw is None:
@@ -253,7 +276,9 @@ def load_settings(env: Mapping[str, str]) -> Settings:
                     alert_webhook_url=_webhook(env),
                     alert_max_age_minutes=_minutes(env, "ALERT_MAX_AGE_MINUTES", 15),
                     alert_timeout_seconds=_seconds(env, "ALERT_TIMEOUT_SECONDS", 5.0),
-                    alert_retry_max_seconds=_seconds(env, "ALERT_RETRY_MAX_SECONDS", 30.0))
+                    alert_retry_max_seconds=_seconds(env, "ALERT_RETRY_MAX_SECONDS", 30.0),
+                    alert_webhook_format=_webhook_format(env),
+                    alert_retention_days=_days(env, "ALERT_RETENTION_DAYS", 90))
 
 
 SECRET_KEYS = ("DB_PASS", "AWS_SECRET_ACCESS_KEY", "AWS_SECRET_KEY", "PASSWORD",

@@ -416,3 +416,57 @@ def test_help_shows_the_spec_flags(flag):
     result = subprocess.run([sys.executable, "pipeline.py", "--help"], cwd=PROJECT,
                             capture_output=True, text=True)
     assert result.returncode == 0 and flag in result.stdout
+
+
+# --------------------------------------------------------------------------- metrics textfile
+def textfile(path: Path) -> dict[str, float]:
+    """A node_exporter textfile as {'name{labels}': value}; every line is a comment or a sample."""
+    values = {}
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+def test_the_metrics_textfile_after_a_good_then_a_failed_run(s3, bucket, service_env, conn,
+                                                             tmp_path, monkeypatch):
+    """A failed run moves the last run, never the last success (issue 18): the rule that pages
+    on a stale batch looks at the last success."""
+    bodies = seed(s3, bucket, objects=2, rows_per_object=300)
+    prom = tmp_path / "lmnh_batch.prom"
+    assert run("-b", bucket, "--metrics-textfile", str(prom)) == 0
+    good = textfile(prom)
+    expected = expected_outcomes(bodies)
+    assert good["lmnh_batch_last_success_timestamp_seconds"] == \
+        good["lmnh_batch_last_run_timestamp_seconds"] > 0
+    assert good["lmnh_batch_last_run_success"] == 1 and good["lmnh_batch_last_run_exit_code"] == 0
+    assert good['lmnh_batch_last_run_objects{outcome="loaded"}'] == 2
+    assert good['lmnh_batch_last_run_objects{outcome="failed"}'] == 0
+    assert good['lmnh_batch_last_run_events{outcome="rating"}'] == expected["rating"]
+    assert good['lmnh_batch_last_run_events{outcome="request"}'] == expected["request"]
+    assert good['lmnh_batch_last_run_events{outcome="rejected"}'] == \
+        sum(expected.values()) - expected["rating"] - expected["request"]
+
+    monkeypatch.setenv("DB_PORT", "1")  # nothing listens there: the run cannot be done
+    assert run("-b", bucket, "--metrics-textfile", str(prom)) == 1
+    failed = textfile(prom)
+    assert failed["lmnh_batch_last_success_timestamp_seconds"] == \
+        good["lmnh_batch_last_success_timestamp_seconds"]
+    assert failed["lmnh_batch_last_run_timestamp_seconds"] >= \
+        good["lmnh_batch_last_run_timestamp_seconds"]
+    assert failed["lmnh_batch_last_run_success"] == 0 and failed["lmnh_batch_last_run_exit_code"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["lmnh_batch.prom"]  # no temporary left
+
+    fresh = tmp_path / "first.prom"  # a first run that fails: no success yet, the rule pages
+    assert run("-b", bucket, "--metrics-textfile", str(fresh)) == 1
+    assert textfile(fresh)["lmnh_batch_last_success_timestamp_seconds"] == 0
+
+
+def test_an_unwritable_metrics_textfile_is_one_line_and_exit_1(s3, bucket, service_env,
+                                                               tmp_path, caplog):
+    seed(s3, bucket, objects=1, rows_per_object=50)
+    assert run("-b", bucket, "--metrics-textfile", str(tmp_path / "no" / "such.prom")) == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == [f"cannot write the metrics textfile {tmp_path}/no/such.prom: "
+                      "No such file or directory"]

@@ -658,7 +658,7 @@ def test_a_temp_table_cannot_stand_in_for_a_master_table_in_the_reference_check(
         assert dict(rows(conn, SCHEMA_FUNCTIONS)) == {
             name: ["search_path=public, pg_temp"] for name in (
                 "check_event_references()", "forbid_referenced_delete()", "forbid_truncate()",
-                "key_range_covered(regclass,text,integer,integer)")}
+                "key_range_covered(regclass,text,integer,integer)", "prune_sent_alerts(integer)")}
     finally:
         conn.close()
 
