@@ -264,7 +264,9 @@ def test_alerts_pending_at_a_kill_9_are_delivered_after_restart(
     wait_for(lambda: len(receiver.alerts()) >= 4, 30, "the pending alerts after restart", again)
     time.sleep(0.5)
     assert [a["id"] for a in receiver.alerts()] == [f"kafka://{topic}/0:{o}" for o in fresh]
-    assert [sent for _, sent in outbox(conn)] == [True] * 4
+    # marked sent after the receiver's answer reaches the sender: wait for it, don't race it
+    wait_for(lambda: [sent for _, sent in outbox(conn)] == [True] * 4, 10,
+             "the delivered alerts marked sent", again)
     again.send_signal(signal.SIGTERM)
     assert again.wait(20) == 0
 
