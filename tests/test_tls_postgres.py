@@ -76,7 +76,7 @@ def test_every_entry_point_works_with_verify_full(tls_db, s3, bucket, s3_setting
     assert simulator.send_messages(kafka_settings, topic,
                                    sample_data.generate_messages(40, seed=3)) == 40
     stream = run([sys.executable, "consumer.py", "--stop-at-end", "--topic", topic,
-                  "--group", f"tls-{uuid.uuid4().hex[:8]}"], env)
+                  "--group", f"tls-{uuid.uuid4().hex[:8]}", "--session-timeout-ms", "6000"], env)
     assert stream.returncode == 0, stream.stderr
     assert "consumer summary: 40 messages" in stream.stderr
 
