@@ -15,7 +15,7 @@ import boto3
 import botocore.exceptions
 from botocore.config import Config
 
-from settings import S3Settings
+from settings import DEFAULT_REGION, S3Settings, SettingsError
 from transform import MAX_LINE_BYTES, OverlongLine
 
 log = logging.getLogger("extract")
@@ -52,12 +52,28 @@ class Listing:
 
 
 def make_s3_client(s3: S3Settings):
-    """A boto3 client that fails fast when the endpoint is down instead of hanging."""
+    """A boto3 client that fails fast when the endpoint is down instead of hanging.
+
+    Keys from the settings are passed with their session token (temporary keys need it);
+    with none, nothing is passed, so boto3's own chain finds them: an instance role, a
+    profile (AWS_PROFILE, AWS_CONFIG_FILE, AWS_SHARED_CREDENTIALS_FILE), SSO. Likewise an
+    unset endpoint or region is left to boto3 (AWS_ENDPOINT_URL_S3, the profile's
+    endpoint_url and region)."""
     config = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5,
                     read_timeout=60)
-    return boto3.client("s3", endpoint_url=s3.endpoint_url, aws_access_key_id=s3.access_key,
-                        aws_secret_access_key=s3.secret_key, region_name=s3.region,
-                        config=config)
+    keys = {}
+    if s3.access_key:
+        keys = {"aws_access_key_id": s3.access_key, "aws_secret_access_key": s3.secret_key,
+                "aws_session_token": s3.session_token}
+    try:
+        session = boto3.session.Session(profile_name=s3.profile)
+        return session.client("s3", endpoint_url=s3.endpoint_url,
+                              region_name=s3.region or session.region_name or DEFAULT_REGION,
+                              config=config, **keys)
+    except botocore.exceptions.ProfileNotFound as exc:
+        raise SettingsError(f"AWS_PROFILE: {exc} (looked in AWS_CONFIG_FILE / "
+                            "AWS_SHARED_CREDENTIALS_FILE, by default ~/.aws/config and "
+                            "~/.aws/credentials)") from None
 
 
 def describe_s3_error(exc: Exception, what: str) -> str:
@@ -74,7 +90,8 @@ def describe_s3_error(exc: Exception, what: str) -> str:
     if isinstance(exc, botocore.exceptions.EndpointConnectionError):
         return f"{what}: S3 endpoint unreachable ({exc.kwargs.get('endpoint_url', '')})"
     if isinstance(exc, botocore.exceptions.NoCredentialsError):
-        return f"{what}: no AWS credentials: set AWS_ACCESS_KEY and AWS_SECRET_ACCESS_KEY"
+        return (f"{what}: no AWS credentials found: set AWS_ACCESS_KEY and "
+                "AWS_SECRET_ACCESS_KEY, or give the machine an instance role or AWS_PROFILE")
     return f"{what}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 

@@ -62,7 +62,9 @@ SESSION_OPTIONS = ("-c timezone=Europe/London -c work_mem=64MB "
 # What libpq says, with no SQLSTATE, when a connection is refused for good.
 PERMANENT_CONNECT_ERRORS = ("password authentication failed", "does not exist",
                             "no pg_hba.conf entry", "permission denied",
-                            "not permitted to log in", "does not support SSL")
+                            "not permitted to log in", "does not support SSL",
+                            "certificate verify failed", "does not match host name",
+                            "root certificate file", "rejects connection")
 
 
 def connect(db: DatabaseSettings) -> psycopg2.extensions.connection:
@@ -75,11 +77,33 @@ def connect(db: DatabaseSettings) -> psycopg2.extensions.connection:
     try:
         conn = psycopg2.connect(**db.connect_kwargs(), options=SESSION_OPTIONS)
     except psycopg2.OperationalError as exc:
-        first = first_line(exc)
-        transient = not any(text in first for text in PERMANENT_CONNECT_ERRORS)
-        raise DatabaseError(f"cannot connect to PostgreSQL at {db.describe()}: {first}",
-                            transient) from None
+        raise connect_error(db, exc) from None
     return conn
+
+
+def connect_error(db: DatabaseSettings, exc: BaseException) -> DatabaseError:
+    """A failed connection as one line; TLS failures name the setting that decides them
+    (a certificate that does not verify is not fixed by waiting, so it is not transient)."""
+    first = first_line(exc)
+    transient = not any(text in first for text in PERMANENT_CONNECT_ERRORS)
+    return DatabaseError(f"cannot connect to PostgreSQL at {db.describe()}: "
+                         f"{tls_hint(db, first)}{first}", transient)
+
+
+def tls_hint(db: DatabaseSettings, libpq_message: str) -> str:
+    """What a TLS failure of libpq means in the project's settings ("" for other failures)."""
+    if "certificate verify failed" in libpq_message:
+        return (f"server certificate does not verify against "
+                f"DB_SSLROOTCERT={db.sslrootcert or '(unset)'}: ")
+    if "does not match host name" in libpq_message:
+        return f"server certificate is not for DB_HOST={db.host} (DB_SSLMODE={db.sslmode}): "
+    if "root certificate file" in libpq_message:
+        return f"DB_SSLMODE={db.sslmode} needs DB_SSLROOTCERT (the server's CA bundle): "
+    if "no encryption" in libpq_message:
+        return f"the server accepts only TLS connections (DB_SSLMODE={db.sslmode}): "
+    if "does not support SSL" in libpq_message:
+        return f"the server offers no TLS but DB_SSLMODE={db.sslmode} requires it: "
+    return ""
 
 
 # SQLSTATEs that waiting can fix (PostgreSQL manual, Appendix A): a failover to a read-only

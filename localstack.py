@@ -446,11 +446,22 @@ def kafka_settings(info: dict) -> KafkaSettings:
     return KafkaSettings(bootstrap_servers=f"127.0.0.1:{info['port']}")
 
 
+# The setting whose absence leaves a service unset (S3 is never unset once others are
+# configured: with no keys it goes through boto3's credential chain).
+MISSING_SETTING = {"postgres": "DB_HOST", "kafka": "BOOTSTRAP_SERVERS", "s3": "AWS_ACCESS_KEY"}
+
+
 def resolve(settings: Settings, needs: tuple[str, ...], state_dir: Path | None = None) -> Settings:
-    """Fill in each needed service the settings leave unset from the local stack, starting it."""
+    """Fill in each needed service the settings leave unset from the local stack, starting it;
+    only where the local stack may stand in (SPEC §4): otherwise a missing service is one
+    line naming its setting, and nothing is started or written under .local/."""
     missing = [n for n in needs if getattr(settings, {"postgres": "database"}.get(n, n)) is None]
     if not missing:
         return settings
+    if not settings.local_stack:
+        raise SettingsError(f"{MISSING_SETTING[missing[0]]} is not set: other services are "
+                            "configured, so the local stack does not stand in for this one "
+                            "(set LMNH_STACK=local to use the local stack for everything)")
     state = up(tuple(missing), state_dir)
     changes = {}
     if "postgres" in state:
@@ -466,18 +477,62 @@ def resolve(settings: Settings, needs: tuple[str, ...], state_dir: Path | None =
 
 
 def psql_exports() -> str:
-    """`export PG...` lines for psql: the database of `.env`, or the local one (started)."""
+    """`export PG...` lines for psql: the database of `.env`, or the local one (started).
+
+    LMNH_PSQL is the psql to run: the embedded wheel's for the local database (same version,
+    but built without TLS), the system's (`postgresql-client`) for any other."""
     from settings import load_settings
     settings = load_settings(read_environment())
     local = settings.database is None
     if local:
         settings = resolve(settings, ("postgres",))
     db = settings.database
+    psql = _pg_bin() / "psql" if local else client_psql(db)
     values = {"PGHOST": db.host, "PGPORT": str(db.port), "PGDATABASE": db.name,
               "PGUSER": db.user, "PGPASSWORD": db.password, "LMNH_DB_LOCAL": "1" if local else "0",
-              "LMNH_PSQL": str(_pg_bin() / "psql"), "PGAPPNAME": "lmnh-psql",
-              "PGOPTIONS": "-c timezone=Europe/London"}
+              "LMNH_PSQL": str(psql), "PGAPPNAME": "lmnh-psql",
+              "PGOPTIONS": "-c timezone=Europe/London", "PGSSLMODE": db.sslmode,
+              "PGSSLROOTCERT": db.sslrootcert or ""}
     return "\n".join(f"export {k}={shlex.quote(v)}" for k, v in values.items() if v)
+
+
+def client_psql(db: DatabaseSettings) -> Path:
+    """The psql for a database that is not the local one: the system's, which speaks TLS.
+
+    Before psql runs, a certificate that does not verify is one line naming the setting (as
+    from the Python entry points), and where only the embedded psql exists, a server that
+    wants TLS is one line naming the package to install. Both probes send no password.
+    """
+    if db.verifies_server():
+        _probe(db, db.sslmode)
+    system = shutil.which("psql")
+    if system:
+        return Path(system)
+    if db.sslmode in ("require", "verify-ca", "verify-full") or _probe(db, "disable"):
+        raise LocalStackError(
+            f"{db.describe()} needs TLS (DB_SSLMODE={db.sslmode}) and the only psql here is "
+            "the embedded one, built without TLS: install the postgresql-client package "
+            "(apt-get install postgresql-client)")
+    return _pg_bin() / "psql"
+
+
+def _probe(db: DatabaseSettings, sslmode: str) -> bool:
+    """Open a connection without a password (nothing secret is sent; the server refuses
+    it after the TLS handshake) to see how far it gets. Raises LocalStackError when the
+    server's certificate does not verify; returns whether the server refused plaintext."""
+    import psycopg2
+
+    import load
+    kwargs = {**db.connect_kwargs(), "sslmode": sslmode, "password": "",
+              "passfile": os.devnull, "gssencmode": "disable"}
+    try:
+        psycopg2.connect(**kwargs).close()
+    except psycopg2.OperationalError as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if load.tls_hint(db, message) and "no encryption" not in message:
+            raise LocalStackError(str(load.connect_error(db, exc))) from None
+        return "no encryption" in message
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,9 @@ DEFAULT_TOPIC = "lmnh"
 DEFAULT_DB_NAME = "museum"
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")  # libpq's
+DEFAULT_SSL_MODE = "prefer"   # libpq's default: TLS when the server offers it, unverified
+DEFAULT_REGION = "eu-west-2"  # the museum's bucket; when neither settings nor profile name one
 
 
 class SettingsError(ValueError):
@@ -36,18 +39,29 @@ class DatabaseSettings:
     name: str
     user: str
     password: str = field(default="", repr=False)
+    sslmode: str = DEFAULT_SSL_MODE
+    sslrootcert: str | None = None  # a CA bundle (absolute path) or libpq's "system"
 
     def connect_kwargs(self) -> dict:
         """libpq parameters. A server that vanished without closing the connection (a host
         down, a failover, a dropped NAT entry) is noticed by TCP keepalives within about a
-        minute instead of the kernel's two hours; a connection attempt gives up after 10 s."""
+        minute instead of the kernel's two hours; a connection attempt gives up after 10 s.
+        sslmode is always passed, so DB_SSLMODE (not a stray PGSSLMODE) decides."""
         kwargs = {"host": self.host, "port": self.port, "dbname": self.name, "user": self.user,
                   "connect_timeout": 10, "application_name": "lmnh-pipeline",
                   "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
-                  "keepalives_count": 3}
+                  "keepalives_count": 3, "sslmode": self.sslmode}
+        if self.sslrootcert:
+            kwargs["sslrootcert"] = self.sslrootcert
         if self.password:
             kwargs["password"] = self.password
         return kwargs
+
+    def verifies_server(self) -> bool:
+        """Whether libpq checks the server's certificate: verify-*, or require with a CA file
+        (libpq then behaves as verify-ca)."""
+        return self.sslmode.startswith("verify") or (self.sslmode == "require"
+                                                     and self.sslrootcert is not None)
 
     def describe(self) -> str:
         """Where the database is, for logs: never includes the password."""
@@ -56,10 +70,16 @@ class DatabaseSettings:
 
 @dataclass(frozen=True)
 class S3Settings:
+    """Keys left None: boto3's own credential chain (instance role, AWS_PROFILE, SSO...);
+    endpoint None: boto3's own (AWS_ENDPOINT_URL_S3, a profile's endpoint_url, or AWS);
+    region None: the profile's, else DEFAULT_REGION."""
+
     endpoint_url: str | None
     access_key: str | None = field(default=None, repr=False)
     secret_key: str | None = field(default=None, repr=False)
-    region: str = "eu-west-2"
+    region: str | None = DEFAULT_REGION
+    session_token: str | None = field(default=None, repr=False)  # temporary keys
+    profile: str | None = None
 
 
 @dataclass(frozen=True)
@@ -82,7 +102,8 @@ class KafkaSettings:
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything an entry point needs; a service left as None runs on the local stack."""
+    """Everything an entry point needs; a service left as None runs on the local stack when
+    `local_stack` allows it (LMNH_STACK=local, or no service configured at all: SPEC §4)."""
 
     database: DatabaseSettings | None
     s3: S3Settings | None
@@ -97,6 +118,7 @@ class Settings:
     alert_retry_max_seconds: float = 30.0   # longest backoff between attempts
     alert_webhook_format: str = "json"      # json | slack | teams (WEBHOOK_FORMATS)
     alert_retention_days: int = 90          # sent alerts kept this long in alert_outbox
+    local_stack: bool = True  # may the local stack stand in for a service left as None?
 
     def with_services(self, **services) -> Settings:
         return replace(self, **services)
@@ -105,7 +127,14 @@ class Settings:
 SERVICE_KEYS = ("DB_HOST", "DB_PORT", "DB_NAME", "DB_USER", "DB_PASS", "AWS_ACCESS_KEY",
                 "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECRET_KEY",
                 "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "BOOTSTRAP_SERVERS",
-                "SECURITY_PROTOCOL", "SASL_MECHANISM", "USERNAME", "PASSWORD")
+                "SECURITY_PROTOCOL", "SASL_MECHANISM", "USERNAME", "PASSWORD",
+                "AWS_SESSION_TOKEN", "AWS_PROFILE", "DB_SSLMODE", "DB_SSLROOTCERT")
+# Any of these set says "this environment has services of its own": then the local stack no
+# longer stands in for the others (SPEC §4). Only names that point somewhere count: the
+# defaults .env.example fills in (DB_PORT, SECURITY_PROTOCOL...) and an AWS_PROFILE exported
+# in a developer's shell do not.
+SERVICE_SELECTORS = ("DB_HOST", "AWS_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_ENDPOINT_URL",
+                     "AWS_ENDPOINT_URL_S3", "BOOTSTRAP_SERVERS")
 
 
 def read_environment(env_file: Path | None = None, environ: Mapping[str, str] | None = None
@@ -154,7 +183,30 @@ def _clock(env: Mapping[str, str], name: str, default: time) -> time:
         raise SettingsError(f"{name} must be a time of day such as 08:45:00, got {raw!r}") from None
 
 
+def _sslmode(env: Mapping[str, str]) -> str:
+    raw = _get(env, "DB_SSLMODE")
+    if raw is None:
+        return DEFAULT_SSL_MODE
+    if raw.lower() not in SSL_MODES:
+        raise SettingsError(f"DB_SSLMODE must be one of {', '.join(SSL_MODES)}, got {raw!r}")
+    return raw.lower()
+
+
+def _sslrootcert(env: Mapping[str, str]) -> str | None:
+    """DB_SSLROOTCERT: a CA bundle file (relative to the project folder, where .env is), or
+    libpq's `system` (the machine's trusted roots; libpq 16+, psql included)."""
+    raw = _get(env, "DB_SSLROOTCERT")
+    if raw is None or raw == "system":
+        return raw
+    path = PROJECT_DIR / Path(raw).expanduser()
+    if not path.is_file():
+        raise SettingsError(f"DB_SSLROOTCERT names {raw}, which is not a file (a CA bundle "
+                            "such as the RDS global-bundle.pem)")
+    return str(path)
+
+
 def _database(env: Mapping[str, str]) -> DatabaseSettings | None:
+    sslmode, sslrootcert = _sslmode(env), _sslrootcert(env)
     host = _get(env, "DB_HOST")
     if host is None:
         others = [n for n in ("DB_USER", "DB_PASS") if _get(env, n)]
@@ -167,21 +219,26 @@ def _database(env: Mapping[str, str]) -> DatabaseSettings | None:
         raise SettingsError("DB_USER is not set (needed because DB_HOST is set)")
     return DatabaseSettings(host=host, port=_port(env, "DB_PORT", 5432),
                             name=_get(env, "DB_NAME") or DEFAULT_DB_NAME, user=user,
-                            password=env.get("DB_PASS") or "")
+                            password=env.get("DB_PASS") or "", sslmode=sslmode,
+                            sslrootcert=sslrootcert)
 
 
-def _s3(env: Mapping[str, str]) -> S3Settings | None:
+def _s3(env: Mapping[str, str], credential_chain: bool) -> S3Settings | None:
+    """S3 from the settings; with no keys and no endpoint, None (the local stack) unless
+    `credential_chain`, when boto3 finds credentials itself (instance role, profile, SSO)."""
     endpoint = _get(env, "AWS_ENDPOINT_URL_S3") or _get(env, "AWS_ENDPOINT_URL")
     access = _get(env, "AWS_ACCESS_KEY") or _get(env, "AWS_ACCESS_KEY_ID")
     secret = env.get("AWS_SECRET_ACCESS_KEY") or env.get("AWS_SECRET_KEY") or None
-    region = _get(env, "AWS_REGION") or _get(env, "AWS_DEFAULT_REGION") or "eu-west-2"
-    if endpoint is None and access is None:
+    region = _get(env, "AWS_REGION") or _get(env, "AWS_DEFAULT_REGION")
+    if endpoint is None and access is None and not credential_chain:
         return None
     if endpoint is not None and not endpoint.startswith(("http://", "https://")):
         raise SettingsError(f"AWS_ENDPOINT_URL_S3 must start with http:// or https://, got {endpoint!r}")
     if access is not None and not secret:
         raise SettingsError("AWS_SECRET_ACCESS_KEY is not set (needed because AWS_ACCESS_KEY is set)")
-    return S3Settings(endpoint_url=endpoint, access_key=access, secret_key=secret, region=region)
+    return S3Settings(endpoint_url=endpoint, access_key=access, secret_key=secret, region=region,
+                      session_token=_get(env, "AWS_SESSION_TOKEN") if access else None,
+                      profile=_get(env, "AWS_PROFILE"))
 
 
 def _kafka(env: Mapping[str, str]) -> KafkaSettings | None:
@@ -271,7 +328,9 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     closing = _clock(env, "CLOSING_TIME", time(18, 15))
     if closing <= opening:
         raise SettingsError(f"CLOSING_TIME ({closing}) must be after OPENING_TIME ({opening})")
-    return Settings(database=_database(env), s3=_s3(env), kafka=_kafka(env), topic=topic,
+    configured = any(_get(env, name) for name in SERVICE_SELECTORS)
+    return Settings(database=_database(env), s3=_s3(env, configured), kafka=_kafka(env),
+                    local_stack=not configured, topic=topic,
                     bucket=bucket, opening_time=opening, closing_time=closing,
                     alert_webhook_url=_webhook(env),
                     alert_max_age_minutes=_minutes(env, "ALERT_MAX_AGE_MINUTES", 15),
@@ -281,8 +340,8 @@ def load_settings(env: Mapping[str, str]) -> Settings:
                     alert_retention_days=_days(env, "ALERT_RETENTION_DAYS", 90))
 
 
-SECRET_KEYS = ("DB_PASS", "AWS_SECRET_ACCESS_KEY", "AWS_SECRET_KEY", "PASSWORD",
-               "ALERT_WEBHOOK_URL")
+SECRET_KEYS = ("DB_PASS", "AWS_SECRET_ACCESS_KEY", "AWS_SECRET_KEY", "AWS_SESSION_TOKEN",
+               "PASSWORD", "ALERT_WEBHOOK_URL")
 
 
 def environment_secrets(env: Mapping[str, str]) -> list[str]:

@@ -8,6 +8,7 @@ this session started them.
 from __future__ import annotations
 
 import os
+import subprocess
 import uuid
 from pathlib import Path
 
@@ -170,3 +171,122 @@ def service_env(monkeypatch, db, s3_settings, kafka_settings):
     for key, value in values.items():
         monkeypatch.setenv(key, value)
     return values
+
+
+# --------------------------------------------------------------------------- TLS-only PostgreSQL
+# The embedded server has no TLS (SPEC §5), so production's encrypted, verified connections are
+# tested against Debian's `postgresql` package (.ci/run installs it, as it does prometheus).
+DEBIAN_PG = Path("/usr/lib/postgresql")
+TLS_HBA = ("# TLS only, as RDS with rds.force_ssl=1: no plain `host` line, so a connection\n"
+           "# without encryption finds no entry and is refused.\n"
+           "hostssl all all 127.0.0.1/32 scram-sha-256\n")
+
+
+def debian_pg_bin() -> Path | None:
+    """The newest installed server of Debian's packages (/usr/lib/postgresql/<ver>/bin)."""
+    found = [p.parent for p in DEBIAN_PG.glob("*/bin/postgres")]
+    return max(found, key=lambda b: int(b.parent.name) if b.parent.name.isdigit() else 0,
+               default=None)
+
+
+def openssl(cwd: Path, *args: str) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def make_ca(folder: Path, name: str) -> Path:
+    """A CA of the test's own: key and self-signed certificate; returns the certificate."""
+    folder.mkdir(parents=True, exist_ok=True)
+    openssl(folder, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.crt", "-days", "3",
+            "-subj", f"/CN=LMNH test {name}", "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    return folder / f"{name}.crt"
+
+
+def make_server_cert(folder: Path, ca: Path) -> tuple[Path, Path]:
+    """A server certificate for 127.0.0.1 and localhost signed by `ca`; (cert, key)."""
+    (folder / "server.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n"
+                                       "basicConstraints=CA:FALSE\n"
+                                       "extendedKeyUsage=serverAuth\n")
+    openssl(folder, "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost")
+    openssl(folder, "x509", "-req", "-in", "server.csr", "-CA", str(ca),
+            "-CAkey", str(ca.with_suffix(".key")), "-CAcreateserial", "-out", "server.crt",
+            "-days", "3", "-extfile", "server.ext")
+    (folder / "server.key").chmod(0o600)
+    return folder / "server.crt", folder / "server.key"
+
+
+def _debian_pg_ctl(bin_dir: Path, data: Path, user: str | None, *args: str
+                   ) -> subprocess.CompletedProcess:
+    return subprocess.run([str(bin_dir / "pg_ctl"), "-D", str(data), *args],
+                          **localstack._as_user(user), capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.fixture(scope="session")
+def tls_postgres(tmp_path_factory):
+    """A PostgreSQL that accepts only TLS (`hostssl` lines only, scram-sha-256), with a server
+    certificate signed by a CA this session makes; run as a system user, never as a Debian
+    cluster (no pg_ctlcluster, nothing started at boot). Yields a dict: `admin`
+    (DatabaseSettings of the superuser on database postgres, verify-full), `ca` and `wrong_ca`
+    (certificate paths), `log`."""
+    bin_dir = debian_pg_bin()
+    if bin_dir is None:
+        why = ("Debian's PostgreSQL server is not installed (no /usr/lib/postgresql/*/bin/postgres):"
+               " apt-get install postgresql (.ci/run does)")
+        if os.environ.get("CI"):  # .ci/run installs it: missing there is a failure
+            pytest.fail(why)
+        pytest.skip(why)
+    home = tmp_path_factory.mktemp("tls-pg")
+    certs = home / "certs"
+    ca = make_ca(certs, "ca")
+    wrong_ca = make_ca(home / "other", "wrong-ca")   # a CA that never signed the server
+    cert, key = make_server_cert(certs, ca)
+    user = localstack._pg_user()
+    password = uuid.uuid4().hex
+    (home / "pw").write_text(password + "\n")
+    data = home / "data"
+    if user:
+        localstack._let_user_reach(home, user)
+    result = subprocess.run([str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres",
+                             "--auth=scram-sha-256", f"--pwfile={home / 'pw'}",
+                             "--encoding=UTF8", "--locale=C.UTF-8"],
+                            **localstack._as_user(user), capture_output=True, text=True,
+                            cwd=home, timeout=120)
+    (home / "pw").unlink()
+    assert result.returncode == 0, result.stderr
+    port = localstack.free_port()
+    (data / "postgresql.auto.conf").write_text(
+        f"listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = ''\n"
+        f"ssl = on\nssl_cert_file = '{cert}'\nssl_key_file = '{key}'\nfsync = off\n"
+        "full_page_writes = off\n")
+    (data / "pg_hba.conf").write_text(TLS_HBA)
+    if user:
+        localstack._let_user_reach(home, user)
+    log = home / "postgres.log"
+    started = _debian_pg_ctl(bin_dir, data, user, "-l", str(log), "-w", "-t", "60", "start")
+    assert started.returncode == 0, started.stderr + (log.read_text() if log.exists() else "")
+    admin = DatabaseSettings(host="127.0.0.1", port=port, name="postgres", user="postgres",
+                             password=password, sslmode="verify-full", sslrootcert=str(ca))
+    try:
+        yield {"admin": admin, "ca": ca, "wrong_ca": wrong_ca, "log": log}
+    finally:
+        _debian_pg_ctl(bin_dir, data, user, "-m", "fast", "-w", "stop")
+
+
+@pytest.fixture
+def tls_db(tls_postgres) -> DatabaseSettings:
+    """An empty database of this test's own on the TLS-only server (verify-full)."""
+    admin = tls_postgres["admin"]
+    name = f"t_{uuid.uuid4().hex[:10]}"
+    conn = psycopg2.connect(**admin.connect_kwargs())
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    yield DatabaseSettings(host=admin.host, port=admin.port, name=name, user=admin.user,
+                           password=admin.password, sslmode="verify-full",
+                           sslrootcert=admin.sslrootcert)
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    conn.close()

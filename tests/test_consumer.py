@@ -774,6 +774,17 @@ def test_bad_setting_exits_2_with_one_line_naming_it(settings, argv, named):
     assert "s3cret-Pa55word" not in result.stderr + result.stdout
 
 
+def test_a_missing_kafka_setting_is_one_line_when_the_database_is_configured(tmp_path):
+    """The local stack stands in only when nothing is configured (SPEC §4): with DB_* set and
+    no BOOTSTRAP_SERVERS, the consumer names the setting instead of starting a local broker."""
+    env = {**os.environ, "DB_HOST": "127.0.0.1", "DB_USER": "postgres", "DB_PORT": "9"}
+    result = subprocess.run([sys.executable, "consumer.py", "--max-messages", "1"], cwd=PROJECT,
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    [line] = [line for line in result.stderr.splitlines() if line.strip()]
+    assert "configuration error: BOOTSTRAP_SERVERS is not set" in line
+
+
 @pytest.fixture
 def empty_database(stack):
     """A database with no schema at all (not the local default one)."""

@@ -15,6 +15,7 @@ import pytest
 
 import extract
 from extract import S3Object, SourceError
+from settings import SettingsError, load_settings
 
 DECOYS = ["lmnh_exhibition", "lmnh_exhibition_dino.txt", "lms_exhibition_planets.json",
           "log_2.json", "uber-raw-data-jun14.csv", "joana_baby_beaver.jpg",
@@ -306,3 +307,11 @@ def test_read_object_bytes_returns_the_body(s3, bucket):
     put(s3, bucket, "lmnh_exhibition_cave.json", body)
     obj = extract.list_museum_objects(s3, bucket).exhibitions[0]
     assert extract.read_object_bytes(s3, obj) == body
+
+
+def test_a_profile_that_does_not_exist_is_one_line_naming_aws_profile(monkeypatch, tmp_path):
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    settings = load_settings({"DB_HOST": "db.example", "DB_USER": "u", "AWS_PROFILE": "nosuch"})
+    with pytest.raises(SettingsError, match=r"^AWS_PROFILE: .*\(nosuch\) could not be found"):
+        extract.make_s3_client(settings.s3)

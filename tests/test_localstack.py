@@ -12,7 +12,7 @@ import psycopg2
 import pytest
 
 import localstack
-from settings import Settings
+from settings import Settings, SettingsError, load_settings
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -180,3 +180,34 @@ def test_a_lost_password_file_is_one_clear_error(tmp_path):
         assert stat.S_IMODE(secret.stat().st_mode) == 0o600
     finally:
         localstack.down(state)
+
+
+@pytest.mark.parametrize("env, needs, named", [
+    ({"BOOTSTRAP_SERVERS": "kafka.example:9092"}, ("postgres", "s3"), "DB_HOST"),
+    ({"DB_HOST": "db.example", "DB_USER": "u"}, ("postgres", "kafka"), "BOOTSTRAP_SERVERS"),
+    ({"AWS_ENDPOINT_URL_S3": "https://s3.example"}, ("postgres",), "DB_HOST"),
+])
+def test_configured_services_stop_the_local_stack_standing_in(env, needs, named, tmp_path):
+    """One service configured: a missing other is one line naming its setting, and nothing
+    of the local stack is started or written (SPEC §4)."""
+    with pytest.raises(SettingsError, match=f"^{named} is not set") as info:
+        localstack.resolve(load_settings(env), needs, state_dir=tmp_path / "state")
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "state").exists()
+
+
+def test_with_a_database_configured_s3_without_keys_uses_the_credential_chain():
+    settings = load_settings({"DB_HOST": "db.example", "DB_USER": "u"})
+    assert settings.local_stack is False
+    assert (settings.s3.access_key, settings.s3.secret_key, settings.s3.endpoint_url) == \
+        (None, None, None)
+    assert localstack.resolve(settings, ("postgres", "s3")) is settings
+
+
+def test_psql_env_names_a_missing_database_setting(tmp_path):
+    env = {**os.environ, "BOOTSTRAP_SERVERS": "kafka.example:9092"}
+    result = subprocess.run([sys.executable, "localstack.py", "psql-env"], cwd=PROJECT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: DB_HOST is not set"), result.stderr
+    assert result.stdout == ""

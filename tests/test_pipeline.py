@@ -9,9 +9,12 @@ from pathlib import Path
 
 import pytest
 
+import extract
+import localstack
 import pipeline
 import sample_data
 from helpers import identity_values, reason_counts, rows, scalar, table_counts
+from settings import load_settings, read_environment
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -470,3 +473,83 @@ def test_an_unwritable_metrics_textfile_is_one_line_and_exit_1(s3, bucket, servi
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert errors == [f"cannot write the metrics textfile {tmp_path}/no/such.prom: "
                       "No such file or directory"]
+
+
+# --------------------------------------------------------------------------- where services come from
+def aws_profile_files(folder: Path, endpoint: str, token: str) -> dict[str, str]:
+    """A named profile in AWS config and credentials files (temporary keys with a session
+    token, the endpoint in the profile), and the environment that selects it."""
+    config, credentials = folder / "config", folder / "credentials"
+    config.write_text(f"[profile museum]\nregion = eu-west-2\nendpoint_url = {endpoint}\n")
+    credentials.write_text("[museum]\naws_access_key_id = ASIAMUSEUMTEST\n"
+                           f"aws_secret_access_key = museum-secret-key\naws_session_token = {token}\n")
+    return {"AWS_PROFILE": "museum", "AWS_CONFIG_FILE": str(config),
+            "AWS_SHARED_CREDENTIALS_FILE": str(credentials), "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+def configure(monkeypatch, values: dict[str, str]) -> None:
+    for key, value in values.items():
+        monkeypatch.setenv(key, value)
+
+
+def test_no_keys_goes_through_the_aws_profile_and_never_starts_a_local_s3(
+        s3, bucket, s3_settings, db, kafka_settings, conn, monkeypatch, tmp_path, capsys):
+    """DB and Kafka configured, no AWS keys: boto3's chain finds the profile's temporary keys
+    (session token included) and endpoint; the local stack is never asked for S3, nor is its
+    folder written (the systemd unit's ProtectSystem=strict would refuse it)."""
+    seed(s3, bucket, objects=1, rows_per_object=200)
+    token = "museum-session-token-123"
+    configure(monkeypatch, {"DB_HOST": db.host, "DB_PORT": str(db.port), "DB_NAME": db.name,
+                            "DB_USER": db.user, "DB_PASS": db.password,
+                            "BOOTSTRAP_SERVERS": kafka_settings.bootstrap_servers,
+                            **aws_profile_files(tmp_path, s3_settings.endpoint_url, token)})
+    state = tmp_path / "local-stack"
+    monkeypatch.setattr(localstack, "STATE_DIR", state)
+    assert run("-b", bucket) == 0
+    assert "1 seen, 1 loaded" in capsys.readouterr().out
+    assert sum(table_counts(conn).values()) == 200
+    assert not state.exists()
+    s3_from_settings = load_settings(read_environment()).s3
+    assert (s3_from_settings.access_key, s3_from_settings.endpoint_url) == (None, None)
+    client = extract.make_s3_client(s3_from_settings)
+    assert client._request_signer._credentials.get_frozen_credentials().token == token
+
+
+def test_keys_in_the_settings_travel_with_their_session_token(s3_settings, s3, bucket):
+    """Temporary keys in .env (AWS_ACCESS_KEY, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN)."""
+    settings = load_settings({"AWS_ACCESS_KEY": "ASIAENVKEY", "AWS_SECRET_ACCESS_KEY": "env-secret",
+                              "AWS_SESSION_TOKEN": "env-session-token",
+                              "AWS_ENDPOINT_URL_S3": s3_settings.endpoint_url})
+    client = extract.make_s3_client(settings.s3)
+    frozen = client._request_signer._credentials.get_frozen_credentials()
+    assert (frozen.access_key, frozen.token) == ("ASIAENVKEY", "env-session-token")
+    assert extract.list_museum_objects(client, bucket).kiosk == []
+
+
+def test_no_credentials_anywhere_is_one_line(s3_settings, db, kafka_settings, monkeypatch,
+                                             tmp_path, caplog):
+    configure(monkeypatch, {"DB_HOST": db.host, "DB_PORT": str(db.port), "DB_NAME": db.name,
+                            "DB_USER": db.user, "DB_PASS": db.password,
+                            "AWS_ENDPOINT_URL_S3": s3_settings.endpoint_url,
+                            "AWS_CONFIG_FILE": str(tmp_path / "none"),
+                            "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+                            "AWS_EC2_METADATA_DISABLED": "true"})
+    monkeypatch.setattr(localstack, "STATE_DIR", tmp_path / "local-stack")
+    assert run("-b", "sigma-resources-museum") == 1
+    [line] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert "no AWS credentials found" in line and "instance role or AWS_PROFILE" in line
+    assert not (tmp_path / "local-stack").exists()
+
+
+@pytest.mark.parametrize("configured, missing", [
+    ({"BOOTSTRAP_SERVERS": "127.0.0.1:9"}, "DB_HOST"),
+    ({"AWS_ACCESS_KEY": "k", "AWS_SECRET_ACCESS_KEY": "s"}, "DB_HOST"),
+])
+def test_a_missing_database_setting_is_one_line_when_other_services_are_configured(
+        configured, missing, monkeypatch, tmp_path, caplog):
+    configure(monkeypatch, configured)
+    monkeypatch.setattr(localstack, "STATE_DIR", tmp_path / "local-stack")
+    assert run() == 2
+    [line] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert line.startswith(f"configuration error: {missing} is not set")
+    assert not (tmp_path / "local-stack").exists()

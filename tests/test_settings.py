@@ -60,6 +60,8 @@ def test_secrets_are_not_in_repr():
       "USERNAME": "u", "PASSWORD": "p"}, "SASL_MECHANISM"),
     ({"BOOTSTRAP_SERVERS": "h:1", "SECURITY_PROTOCOL": "SASL_SSL", "PASSWORD": "p"}, "USERNAME"),
     ({"OPENING_TIME": "quarter to nine"}, "OPENING_TIME"),
+    ({"DB_HOST": "h", "DB_USER": "u", "DB_SSLMODE": "verify"}, "DB_SSLMODE"),
+    ({"DB_HOST": "h", "DB_USER": "u", "DB_SSLROOTCERT": "/no/such/bundle.pem"}, "DB_SSLROOTCERT"),
     ({"OPENING_TIME": "19:00", "CLOSING_TIME": "18:00"}, "CLOSING_TIME"),
 ])
 def test_bad_setting_is_one_line_naming_it(env, name):
@@ -93,3 +95,40 @@ def test_local_stack_switch_ignores_service_settings(tmp_path):
 def test_redact_replaces_every_secret():
     assert redact("user x password pw1 and pw1 again key k2", ["pw1", "k2"]) == \
         "user x password *** and *** again key ***"
+
+
+def test_tls_settings_reach_every_connection_with_libpqs_default(tmp_path):
+    bundle = tmp_path / "global-bundle.pem"
+    bundle.write_text("-----BEGIN CERTIFICATE-----\n")
+    plain = load_settings({"DB_HOST": "h", "DB_USER": "u"}).database
+    assert plain.connect_kwargs()["sslmode"] == "prefer" and "sslrootcert" not in plain.connect_kwargs()
+    strict = load_settings({"DB_HOST": "h", "DB_USER": "u", "DB_SSLMODE": "VERIFY-FULL",
+                            "DB_SSLROOTCERT": str(bundle)}).database
+    assert strict.connect_kwargs()["sslmode"] == "verify-full"
+    assert strict.connect_kwargs()["sslrootcert"] == str(bundle)
+    assert strict.verifies_server() and not plain.verifies_server()
+    system = load_settings({"DB_HOST": "h", "DB_USER": "u", "DB_SSLMODE": "verify-full",
+                            "DB_SSLROOTCERT": "system"}).database
+    assert system.connect_kwargs()["sslrootcert"] == "system"
+
+
+def test_the_local_stack_stands_in_only_when_nothing_is_configured():
+    assert load_settings({}).local_stack is True
+    assert load_settings({"DB_PORT": "5432", "SECURITY_PROTOCOL": "SASL_SSL",
+                          "AWS_PROFILE": "dev"}).local_stack is True  # .env.example's defaults
+    for env in ({"DB_HOST": "h", "DB_USER": "u"}, {"BOOTSTRAP_SERVERS": "h:1"},
+                {"AWS_ACCESS_KEY": "a", "AWS_SECRET_ACCESS_KEY": "s"}):
+        settings = load_settings(env)
+        assert settings.local_stack is False and settings.s3 is not None
+
+
+def test_a_session_token_goes_with_keys_and_is_a_secret():
+    env = {"AWS_ACCESS_KEY": "ASIA1", "AWS_SECRET_ACCESS_KEY": "sk-1",
+           "AWS_SESSION_TOKEN": "token-value-1", "AWS_PROFILE": "museum"}
+    s3 = load_settings(env).s3
+    assert (s3.session_token, s3.profile) == ("token-value-1", "museum")
+    assert "token-value-1" not in repr(s3)
+    assert "token-value-1" in environment_secrets(env)
+    # without keys of its own, the token is boto3's business (its chain reads it with its keys)
+    assert load_settings({"DB_HOST": "h", "DB_USER": "u",
+                          "AWS_SESSION_TOKEN": "t-2"}).s3.session_token is None
