@@ -3,25 +3,36 @@
 The notebook runs top to bottom (nbclient, a real kernel) on a database that the pipeline loaded
 from generated sample data; its answers must equal the same seven questions computed here straight
 from the base tables in Python (never through the views, so the views are checked too), and its
-dashboards must be titled and name exhibitions in words, never by id.
+dashboards must be titled and name exhibitions in words, never by id. Drawn on the real captures,
+on `make demo`'s data, on one day and on one month, no two texts of any dashboard overlap, and
+every conclusion agrees with the figures it shows.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import re
 from collections import Counter
-from datetime import datetime
+from datetime import datetime, time, timedelta
 from pathlib import Path
 from statistics import fmean
 from zoneinfo import ZoneInfo
 
 import nbformat
+import numpy as np
+import pandas as pd
+import pytest
+from confluent_kafka import Producer
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.text import Text
 from nbclient import NotebookClient
 
+import dashboards
 import load
 import pipeline
 import sample_data
-from helpers import rows
+from helpers import rows, run_consumer_in_process
 
 PROJECT = Path(__file__).resolve().parent.parent
 NOTEBOOK = PROJECT / "analysis.ipynb"
@@ -53,10 +64,51 @@ print("FIGURES " + _json.dumps(_found))
 '''
 
 
+def drawn_texts(fig) -> list[tuple[str, object]]:
+    """Every text a draw of `fig` puts on the page (titles, axis labels, tick labels, legends,
+    annotations, colorbar), with its extent in pixels. Found by drawing: a tick label outside
+    the view or an annotation off its chart exists as an artist but is not drawn."""
+    if not hasattr(fig.canvas, "get_renderer"):  # a closed pyplot figure keeps a bare canvas
+        FigureCanvasAgg(fig)
+    drawn = []
+    draw = Text.draw
+
+    def record(self, renderer):
+        if self.get_visible() and self.get_text().strip():
+            drawn.append(self)
+        return draw(self, renderer)
+
+    Text.draw = record
+    try:
+        fig.canvas.draw()
+    finally:
+        Text.draw = draw
+    renderer = fig.canvas.get_renderer()
+    return [(t.get_text(), t.get_window_extent(renderer)) for t in drawn]
+
+
+def overlapping_texts(fig) -> list[list[str]]:
+    """Pairs of drawn texts whose extents overlap by more than a pixel each way."""
+    texts = drawn_texts(fig)
+    return [[a, b] for i, (a, box) in enumerate(texts) for b, other in texts[i + 1:]
+            if min(box.x1, other.x1) - max(box.x0, other.x0) > 1
+            and min(box.y1, other.y1) - max(box.y0, other.y0) > 1]
+
+
+# Run after the notebook in its kernel: for every dashboard, the texts drawn and those overlapping.
+CHECK_OVERLAPS = "\n\n".join([
+    "import json as _json\nfrom matplotlib.backends.backend_agg import FigureCanvasAgg\n"
+    "from matplotlib.text import Text",
+    inspect.getsource(drawn_texts), inspect.getsource(overlapping_texts),
+    'print("OVERLAPS " + _json.dumps({_name: {"texts": len(drawn_texts(_fig)), "overlapping": '
+    'overlapping_texts(_fig)} for _name, _fig in figures.items()}))'])
+
+
 def execute_notebook() -> nbformat.NotebookNode:
     """The notebook executed in a fresh kernel that inherits this process's environment."""
     nb = nbformat.read(NOTEBOOK, as_version=4)
     nb.cells.append(nbformat.v4.new_code_cell(INSPECT_FIGURES))
+    nb.cells.append(nbformat.v4.new_code_cell(CHECK_OVERLAPS))
     NotebookClient(nb, timeout=300, kernel_name="python3",
                    resources={"metadata": {"path": str(PROJECT)}}).execute()
     return nb
@@ -74,6 +126,30 @@ def printed(nb: nbformat.NotebookNode, prefix: str):
                 if line.startswith(prefix):
                     return json.loads(line[len(prefix):])
     raise AssertionError(f"the notebook printed no {prefix.strip()} line")
+
+
+def assert_readable(nb: nbformat.NotebookNode) -> None:
+    """No two texts of a dashboard overlap, and question 5's words agree with its percentages."""
+    for name, found in printed(nb, "OVERLAPS ").items():
+        assert found["texts"] > 10, f"{name}: only {found['texts']} texts drawn"
+        assert not found["overlapping"], f"{name}: texts overlap: {found['overlapping']}"
+    conclusions = [out.data["text/markdown"] for out in outputs(nb)
+                   if out.get("data", {}).get("text/markdown", "").startswith("**Conclusion:**")]
+    check_before_after_sentence(conclusions[4])
+
+
+def check_before_after_sentence(text: str) -> None:
+    """Question 5: the comparison words follow the two percentages as the sentence shows them."""
+    shares = re.search(r"it is (\d+)% before against (\d+)% after(.*)", text)
+    if shares is None:
+        assert "no ratings" in text, text
+        return
+    before, after, rest = int(shares[1]), int(shares[2]), shares[3]
+    if before == after:
+        assert "about the same" in rest and not re.search("larger|smaller", rest), text
+    else:
+        smaller = "after" if before > after else "before"
+        assert "about the same" not in rest and f"larger share {smaller}" not in rest, text
 
 
 def leaders(counts: Counter) -> tuple[list, int]:
@@ -182,6 +258,7 @@ def test_notebook_answers_from_the_loaded_data_with_readable_dashboards(
 
     figures = printed(nb, "FIGURES ")
     assert figures.keys() == DASHBOARDS
+    assert_readable(nb)  # one day
     visits = dict(rows(conn, """
         SELECT e.exhibition_name, count(*) FROM (
             SELECT exhibition_id FROM rating_interaction
@@ -294,6 +371,7 @@ def test_notebook_shows_six_buttons_and_seven_exhibitions_without_code_changes(
                         if "text/markdown" in out.get("data", {}))
     assert "5 Outstanding" in markdown and "Good, Amazing and Outstanding" in markdown
     figures = printed(nb, "FIGURES ")
+    assert_readable(nb)
     places = {name: (department, floor if floor == "Vault" else f"floor {floor}")
               for name, department, floor in rows(conn, "SELECT exhibition_name, "
                                                         "department_name, floor_name "
@@ -306,3 +384,119 @@ def test_notebook_shows_six_buttons_and_seven_exhibitions_without_code_changes(
                                         "Outstanding"]
     assert performance[0]["xticks"][-1] == "5\nOutstanding"
     assert "Rock Pools\nMarine Biology · Vault" in performance[2]["legend"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Readable at any span: the real captures, make demo's data, one month; any number of calls
+# ---------------------------------------------------------------------------------------------
+
+REAL_DATA = PROJECT.parent / "shared" / "real-data"  # beside the clone, as CI has it
+DEMO_STREAM_START = datetime(2025, 6, 2, 9, 0, tzinfo=LONDON)  # make demo's stream, on a fixed day
+MONTH_START = datetime(2025, 11, 3, 9, 0, tzinfo=LONDON)
+
+
+def real_captures() -> tuple[dict[str, bytes], list[bytes]]:
+    """The museum's own files (kiosk CSVs, exhibition JSON) and messages (the stream, then those
+    other consumers flagged: some are valid), read where they lie."""
+    if not (REAL_DATA / "kafka-stream-2024-10.jsonl").is_file():
+        pytest.fail(f"the real captures are not at {REAL_DATA} (shared/ beside the clone)")
+    files = {p.name: p.read_bytes() for p in [*sorted((REAL_DATA / "kiosk-csv").glob("*.csv")),
+                                              *sorted((REAL_DATA / "exhibitions").glob("*.json"))]}
+    stream = b"\n".join((REAL_DATA / name).read_bytes() for name in
+                       ("kafka-stream-2024-10.jsonl", "kafka-flagged-2024-2025.jsonl"))
+    return files, [line for line in stream.split(b"\n") if line]
+
+
+def load_kind(kind: str, s3, bucket: str) -> list[bytes]:
+    """Fill the bucket for `kind` of database; returns the stream to consume after the batch."""
+    if kind == "real":
+        files, stream = real_captures()
+        for key, body in files.items():
+            s3.put_object(Bucket=bucket, Key=key, Body=body)
+        return stream
+    if kind == "demo":  # make demo: sample_data.py --objects 4 --rows 5000, simulator --count 3000
+        sample_data.seed_bucket(s3, bucket, objects=4, rows=5000)
+        return sample_data.generate_messages(3000, start=DEMO_STREAM_START)
+    sample_data.seed_bucket(s3, bucket, objects=0)  # the exhibitions; a month of stream only
+    return sample_data.generate_messages(4000, seed=1, start=MONTH_START, interval_seconds=220)
+
+
+def produce(kafka, topic: str, payloads: list[bytes]) -> None:
+    producer = Producer({**kafka.client_config(), "linger.ms": 5})
+    for payload in payloads:
+        producer.produce(topic, payload)
+        producer.poll(0)
+    assert producer.flush(30) == 0, "the stream was not fully delivered"
+
+
+@pytest.mark.parametrize("kind", ["real", "demo", "month"])
+def test_dashboards_read_without_overlapping_texts(kind, s3, bucket, topic, kafka_settings,
+                                                    service_env, conn):
+    """The Head of Security's complaint (issue 20): a date axis whose labels ran into each other
+    and emergency times written over one another. Every text of every dashboard is drawn clear
+    of every other, on the real captures (one day of CSVs, then stream 19 months later),
+    on make demo's data (three years apart) and on one month of stream."""
+    stream = load_kind(kind, s3, bucket)
+    assert pipeline.main(["-b", bucket, "--no-progress"]) == 0
+    produce(kafka_settings, topic, stream)
+    assert run_consumer_in_process("--topic", topic, "--group", f"g-{topic}",
+                                   "--stop-at-end") == 0
+
+    nb = execute_notebook()
+
+    assert_readable(nb)
+    assert printed(nb, "ANSWERS ") == expected_answers(conn)
+
+
+def emergency_panel(days: int, calls: int, seed: int = 0) -> Figure:
+    """The security dashboard's emergency chart alone, at its size in the dashboard, with
+    `calls` emergencies at random exhibitions and times over `days` days."""
+    rng = np.random.default_rng(seed)
+    names = [f"Exhibition {i}\nDepartment · floor {i}" for i in range(6)]
+    first = datetime(2023, 3, 6)
+    moments = [first + timedelta(days=int(rng.integers(days)), minutes=int(m))
+               for m in rng.integers(9 * 60, 18 * 60, calls)]
+    incidents = pd.DataFrame({"local_at": pd.to_datetime(moments),
+                              "exhibition_name": rng.choice(names, calls)}).sort_values("local_at")
+    fig = Figure(figsize=(7.5, 5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.set_title("Emergency calls: when and where")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_ylim(-0.5, len(names) - 0.5)
+    dashboards.emergency_timeline(ax, incidents, names, time(8, 45), time(18, 15), "red")
+    return fig
+
+
+@pytest.mark.parametrize("days", [1, 2, 30, 3 * 365])
+@pytest.mark.parametrize("calls", [1, 7, 60, 600])
+def test_emergency_times_never_overlap_whatever_the_span_and_count(days, calls):
+    fig = emergency_panel(days, calls)
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.texts]
+    note = re.search(r"(\d+) of the (\d+) calls are too close to others to label", ax.get_xlabel())
+    assert not overlapping_texts(fig)
+    assert labels, "no call is labelled"
+    labelled = sum(int(m[1]) if (m := re.search(r"\((\d+)\)$", t)) else 1 for t in labels)
+    assert labelled + (int(note[1]) if note else 0) == calls, "every call labelled or counted"
+    assert note is None or int(note[2]) == calls
+    ticks = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+    assert 3 <= len(ticks) <= 8, ticks
+
+
+@pytest.mark.parametrize(("before", "after", "share_before", "share_after", "words"), [
+    (3632, 3058, 0.3161, 0.3229, "32% before against 32% after: about the same share."),
+    (629, 344, 0.3347, 0.3031, "33% before against 30% after."),
+    (2320, 2990, 0.3255, 0.3249, "33% before against 32% after: a larger share before, but "
+                                 "more ratings overall come after 1pm."),
+    (500, 400, 0.20, 0.40, "20% before against 40% after: a larger share after, but more "
+                           "ratings overall come before 1pm."),
+    (300, 300, 0.25, 0.30, "25% before against 30% after: a larger share after, as fewer "
+                           "ratings come then."),
+    (300, 0, 0.5, float("nan"), "There are no ratings after 1pm."),
+])
+def test_before_after_sentence_agrees_with_the_percentages_it_shows(
+        before, after, share_before, share_after, words):
+    text = dashboards.before_after_conclusion(before, after, share_before, share_after)
+    assert text.endswith(words), text
+    check_before_after_sentence(text)
