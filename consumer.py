@@ -314,8 +314,11 @@ class KioskConsumer:
     def _on_stats(self, stats: str) -> None:
         """Until a broker connection completes, note where the connections are stuck; after,
         whether any is up: the outage begins and ends with that, whatever error was said."""
-        states = {b.get("state") for b in json.loads(stats).get("brokers", {}).values()}
-        if "UP" in states:
+        brokers = json.loads(stats).get("brokers", {}).values()
+        states = {b.get("state") for b in brokers}
+        if any(b.get("state") == "UP" and b.get("rx", 0) > 1 for b in brokers):
+            # answered more than ApiVersions: a client with SSL where the listener wants
+            # SASL_SSL is UP for a moment, then dropped at its first real request
             self.broker_connected = True
             self._broker_back()
         elif self.broker_connected:
