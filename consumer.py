@@ -316,12 +316,14 @@ class KioskConsumer:
         whether any is up: the outage begins and ends with that, whatever error was said."""
         brokers = json.loads(stats).get("brokers", {}).values()
         states = {b.get("state") for b in brokers}
-        if any(b.get("state") == "UP" and b.get("rx", 0) > b.get("connects", 0)
-               for b in brokers):
+        if not self.broker_connected and any(
+                b.get("state") == "UP" and b.get("rx", 0) > b.get("connects", 0)
+                for b in brokers):
             # more answers than connections, i.e. more than ApiVersions: a client with SSL
             # where the listener wants SASL_SSL is UP for a moment, then dropped at its first
             # real request, again and again
             self.broker_connected = True
+        if self.broker_connected and "UP" in states:
             self._broker_back()
         elif self.broker_connected:
             self._broker_lost("no broker connection is up: " + "/".join(sorted(states)))
