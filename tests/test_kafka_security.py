@@ -85,6 +85,20 @@ class KioskProducer:
         self.sent += count
 
 
+@pytest.fixture
+def producers():
+    """KioskProducer(kafka, topic), each closed at the end of the test (before its front)."""
+    made: list[KioskProducer] = []
+
+    def make(kafka: KafkaSettings, topic: str) -> KioskProducer:
+        made.append(KioskProducer(kafka, topic))
+        return made[-1]
+
+    yield make
+    for producer in made:
+        producer.producer.close()
+
+
 def placed_by_offset(kafka: KafkaSettings, topic: str, count: int) -> dict:
     """(partition, offset) -> payload of the first `count` messages, read back over the front
     (the expectation for assert_exact)."""
@@ -113,11 +127,11 @@ def error_lines(text: str) -> list[str]:
 
 # ------------------------------------------------------------------------ TLS
 def test_the_consumer_stores_over_tls_with_a_private_ca(kafka_front_factory, kafka_certs, db,
-                                                        conn):
+                                                        conn, producers):
     front = kafka_front_factory(tls=True)
     kafka = front_settings(front, kafka_certs)
     topic = new_topic(kafka)
-    producer = KioskProducer(kafka, topic)
+    producer = producers(kafka, topic)
     producer.send(300)
     result = run_consumer(consumer_env(db, kafka), "--topic", topic, "--group", group_name(),
                           "--stop-at-end")
@@ -141,7 +155,7 @@ def test_a_wrong_ca_at_start_is_one_line_and_exit_1(kafka_front_factory, kafka_c
 
 
 def test_failed_handshakes_and_refused_connections_after_storing_are_waited_out(
-        kafka_front_factory, kafka_certs, db, conn, spawn):  # noqa: F811
+        kafka_front_factory, kafka_certs, db, conn, spawn, producers):  # noqa: F811
     """A broker that served the right certificate, then another CA's (a rolled broker behind a
     misconfigured load balancer), then refused connections, then came back: one WARNING, one
     recovery line, and what was produced meanwhile is stored once."""
@@ -149,7 +163,7 @@ def test_failed_handshakes_and_refused_connections_after_storing_are_waited_out(
     front.keep_client_ids.add(PRODUCER_ID)
     kafka = front_settings(front, kafka_certs)
     topic = new_topic(kafka)
-    producer = KioskProducer(kafka, topic)
+    producer = producers(kafka, topic)
     producer.send(200)
     proc = spawn("--topic", topic, "--group", group_name(), env=consumer_env(db, kafka))
     wait_for(lambda: progress(conn, topic) == 200, 60, "the first 200 stored", proc)
@@ -177,11 +191,12 @@ def test_failed_handshakes_and_refused_connections_after_storing_are_waited_out(
 
 
 def test_an_outage_past_the_bound_ends_the_consumer_in_one_line(kafka_front_factory, kafka_certs,
-                                                                  db, conn, spawn):  # noqa: F811
+                                                                  db, conn, spawn,  # noqa: F811
+                                                                  producers):
     front = kafka_front_factory(tls=True)
     kafka = front_settings(front, kafka_certs)
     topic = new_topic(kafka)
-    KioskProducer(kafka, topic).send(50)
+    producers(kafka, topic).send(50)
     proc = spawn("--topic", topic, "--group", group_name(),
                  env=consumer_env(db, kafka, KAFKA_OUTAGE_LIMIT_SECONDS="3"))
     wait_for(lambda: progress(conn, topic) == 50, 60, "the first 50 stored", proc)
@@ -198,11 +213,11 @@ def test_an_outage_past_the_bound_ends_the_consumer_in_one_line(kafka_front_fact
                                                      ("SASL_SSL", "SCRAM-SHA-256"),
                                                      ("SASL_PLAINTEXT", "SCRAM-SHA-512")])
 def test_a_sasl_login_completes_and_the_consumer_stores(protocol, mechanism, kafka_front_factory,
-                                                         kafka_certs, db, conn):
+                                                         kafka_certs, db, conn, producers):
     front = kafka_front_factory(tls=protocol == "SASL_SSL", users={USER: PASSWORD})
     kafka = front_settings(front, kafka_certs, protocol, mechanism)
     topic = new_topic(kafka)
-    KioskProducer(kafka, topic).send(100)
+    producers(kafka, topic).send(100)
     logins_before = front.stats.logins.get(mechanism, 0)
     result = run_consumer(consumer_env(db, kafka), "--topic", topic, "--group", group_name(),
                           "--stop-at-end")
