@@ -47,10 +47,21 @@ log = logging.getLogger("consumer")
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 DEFAULT_GROUP = "lmnh-pipeline"
-# Errors that waiting cannot fix: the consumer exits non-zero on these.
-FATAL_KAFKA_CODES = {KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED,
-                     KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.GROUP_AUTHORIZATION_FAILED,
-                     KafkaError._SSL, KafkaError._INVALID_ARG}
+# Errors that waiting cannot fix, whenever they come: the consumer exits non-zero on these.
+FATAL_KAFKA_CODES = {KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.GROUP_AUTHORIZATION_FAILED,
+                     KafkaError._INVALID_ARG}
+# A refused TLS handshake or login (SPEC §4): before any broker connection completed it is a
+# setting (SSL_CA_LOCATION, SECURITY_PROTOCOL, USERNAME/PASSWORD) and the consumer stops; once
+# connected it is a broker rolling, a load balancer or a re-opened connection, waited out.
+REFUSED_KAFKA_CODES = {KafkaError._SSL, KafkaError._AUTHENTICATION,
+                       KafkaError.SASL_AUTHENTICATION_FAILED}
+OUTAGE_KAFKA_CODES = REFUSED_KAFKA_CODES | {KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN,
+                                            KafkaError._RESOLVE}
+# librdkafka's default since KIP-735: managed brokers move group coordinators and roll, and a
+# shorter session evicts the member. Tansu's group join takes about half of it, so the local
+# stack uses less.
+DEFAULT_SESSION_TIMEOUT_MS = 45000
+LOCAL_SESSION_TIMEOUT_MS = 6000
 # A first broker connection stuck this long in a TLS or SASL handshake means the broker does
 # not speak SECURITY_PROTOCOL (SASL_SSL against a plaintext listener hangs in SSL_HANDSHAKE;
 # librdkafka itself only gives up on the connection after 30 s, then says "brokers are down").
@@ -196,8 +207,9 @@ class ConsumerOptions:
     group: str = DEFAULT_GROUP
     max_messages: int | None = None   # stop cleanly after this many messages
     batch_size: int = 20000           # most messages per batch / transaction
-    session_timeout_ms: int = 6000
+    session_timeout_ms: int = DEFAULT_SESSION_TIMEOUT_MS
     stop_at_end: bool = False         # stop once every assigned partition is consumed
+    outage_limit_seconds: float = 600.0  # broker unreachable this long: stop (exit 1)
 
 
 class KioskConsumer:
@@ -216,7 +228,9 @@ class KioskConsumer:
         self.stopping = False
         self.db = load.LazyConnection(settings.database)
         self.db_down_since: float | None = None
-        self.broker_down = False
+        self.broker_down_since: float | None = None  # when the current broker outage began
+        self.broker_trouble = ""  # what the current outage's first error said
+        self.outage_limit = options.outage_limit_seconds
         self.broker_connected = False  # a broker connection ever completed its handshake
         self.stuck_in: str | None = None  # where a first connection was seen stuck
         self.started = time.monotonic()
@@ -248,28 +262,76 @@ class KioskConsumer:
         self.stopping = True
 
     def _on_error(self, error: KafkaError) -> None:
-        if error.code() in FATAL_KAFKA_CODES or error.fatal():
-            self.fatal = f"Kafka refused us: {error.str()}"
-            self.stopping = True
-        elif error.code() in (KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN):
-            if not self.broker_down:
-                log.warning("Kafka broker unreachable (%s); waiting for it to come back",
-                            error.str())
-            self.broker_down = True
+        code = error.code()
+        if code in FATAL_KAFKA_CODES or error.fatal():
+            self._stop_for(f"Kafka refused us: {error.str()}")
+        elif code in REFUSED_KAFKA_CODES and not self.broker_connected:
+            self._stop_for(self._refusal(error))
+        elif code in OUTAGE_KAFKA_CODES:
+            self._broker_lost(error.str())
         else:
             log.warning("Kafka: %s", error.str())
+
+    def _stop_for(self, why: str) -> None:
+        if self.fatal is None:
+            self.fatal = why
+        self.stopping = True
+
+    def _refusal(self, error: KafkaError) -> str:
+        """A handshake refused before any connection completed, as one line naming the
+        settings that decide it (the password is never part of librdkafka's message)."""
+        kafka = self.settings.kafka
+        if error.code() == KafkaError._SSL:
+            return (f"TLS with the Kafka broker at {kafka.bootstrap_servers} failed before any "
+                    f"connection completed: {error.str()}; check SSL_CA_LOCATION "
+                    f"({kafka.ca_location or 'unset: the system CA store'}) and "
+                    f"SECURITY_PROTOCOL={kafka.security_protocol}")
+        return (f"the Kafka broker at {kafka.bootstrap_servers} rejected the credentials: "
+                f"{error.str()}; check USERNAME={kafka.username}, PASSWORD and "
+                f"SASL_MECHANISM={kafka.sasl_mechanism}")
+
+    def _broker_lost(self, why: str) -> None:
+        """One WARNING per outage; the loop stops the consumer if it outlasts the bound."""
+        if self.broker_down_since is None:
+            log.warning("Kafka broker unreachable (%s); waiting for it to come back "
+                        "(for at most %.0f s)", why, self.outage_limit)
+            self.broker_down_since = time.monotonic()
+            self.broker_trouble = why
+
+    def _broker_back(self) -> None:
+        if self.broker_down_since is not None:
+            log.info("Kafka broker reachable again after %.0f s",
+                     time.monotonic() - self.broker_down_since)
+            self.broker_down_since = None
+
+    def _check_outage(self) -> None:
+        """Stop, in one line, when the broker has been unreachable past the bound."""
+        if self.broker_down_since is not None and \
+                time.monotonic() - self.broker_down_since > self.outage_limit:
+            self._stop_for(f"the Kafka broker at {self.settings.kafka.bootstrap_servers} has "
+                           f"been unreachable for more than {self.outage_limit:.0f} s "
+                           f"(KAFKA_OUTAGE_LIMIT_SECONDS); first error: {self.broker_trouble}")
 
     def _on_handshake_failure(self, where: str) -> None:
         if not self.broker_connected:
             self.stuck_in = where
 
     def _on_stats(self, stats: str) -> None:
-        """Until a broker connection completes, note where the connections are stuck."""
-        if self.broker_connected:
-            return
-        states = {b.get("state") for b in json.loads(stats).get("brokers", {}).values()}
-        if "UP" in states:
+        """Until a broker connection completes, note where the connections are stuck; after,
+        whether any is up: the outage begins and ends with that, whatever error was said."""
+        brokers = json.loads(stats).get("brokers", {}).values()
+        states = {b.get("state") for b in brokers}
+        if not self.broker_connected and any(
+                b.get("state") == "UP" and b.get("rx", 0) > b.get("connects", 0)
+                for b in brokers):
+            # more answers than connections, i.e. more than ApiVersions: a client with SSL
+            # where the listener wants SASL_SSL is UP for a moment, then dropped at its first
+            # real request, again and again
             self.broker_connected = True
+        if self.broker_connected and "UP" in states:
+            self._broker_back()
+        elif self.broker_connected:
+            self._broker_lost("no broker connection is up: " + "/".join(sorted(states)))
         elif states & HANDSHAKE_STATES:
             self.stuck_in = "stuck in " + "/".join(sorted(states & HANDSHAKE_STATES))
 
@@ -304,6 +366,7 @@ class KioskConsumer:
             if stored is not None:
                 p.offset = stored.get(p.partition) or OFFSET_BEGINNING
         consumer.assign(partitions)
+        self.broker_connected = True  # joined a group: later refusals are an outage
         self.assigned |= set(wanted)
         self.at_end -= set(wanted)
         log.info("assigned %s partitions %s, starting at %s", self.topic, sorted(wanted),
@@ -474,10 +537,10 @@ class KioskConsumer:
                 batch = self.consumer.consume(num_messages=want, timeout=0.5)
                 messages = self._usable(batch)
                 self._check_protocol()
+                self._check_outage()
                 if messages:
-                    if self.broker_down:
-                        log.info("Kafka broker reachable again")
-                        self.broker_down = False
+                    self.broker_connected = True
+                    self._broker_back()
                     try:
                         self._handle(messages)
                     except OffsetGap as exc:
@@ -531,8 +594,9 @@ class KioskConsumer:
             elif error.code() == KafkaError._PARTITION_EOF:
                 self.at_end.add(message.partition())
             elif error.code() in FATAL_KAFKA_CODES or error.fatal():
-                self.fatal = f"Kafka refused us: {error.str()}"
-                self.stopping = True
+                self._stop_for(f"Kafka refused us: {error.str()}")
+            elif error.code() in OUTAGE_KAFKA_CODES:
+                self._on_error(error)
             else:
                 log.warning("Kafka: %s", error.str())
         return messages
@@ -649,9 +713,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="stop cleanly once every assigned partition is fully consumed")
     parser.add_argument("--batch-size", type=int, default=20000,
                         help="most messages per batch / transaction (default: 20000)")
-    parser.add_argument("--session-timeout-ms", type=int, default=6000,
-                        help="Kafka session timeout; a group join takes about half of it "
-                             "(default: 6000)")
+    parser.add_argument("--session-timeout-ms", type=int, default=None,
+                        help="Kafka group session timeout (default: $KAFKA_SESSION_TIMEOUT_MS, "
+                             f"else {DEFAULT_SESSION_TIMEOUT_MS}, or {LOCAL_SESSION_TIMEOUT_MS} "
+                             "on the local stack, where a group join takes about half of it)")
+    parser.add_argument("--kafka-outage-limit", type=float, default=None, metavar="SECONDS",
+                        help="stop (exit 1) when the broker stays unreachable this long "
+                             "(default: $KAFKA_OUTAGE_LIMIT_SECONDS or 600)")
     parser.add_argument("--metrics-port", type=int, default=None,
                         help="serve Prometheus metrics on HOST:PORT (see --metrics-host)")
     parser.add_argument("--metrics-host", default="127.0.0.1",
@@ -667,6 +735,20 @@ def build_parser() -> argparse.ArgumentParser:
                              "exit (0 accepted, 1 not); needs no database or broker")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details (DEBUG)")
     return parser
+
+
+def session_timeout_of(args: argparse.Namespace, settings: Settings) -> int:
+    """--session-timeout-ms, else KAFKA_SESSION_TIMEOUT_MS, else 45 s for a configured broker
+    and less for the local stack's (called before the local stack fills in the broker)."""
+    for name, value in (("--session-timeout-ms", args.session_timeout_ms),
+                        ("--kafka-outage-limit", args.kafka_outage_limit)):
+        if value is not None and value <= 0:
+            raise SettingsError(f"{name} must be positive, got {value}")
+    if args.session_timeout_ms is not None:
+        return args.session_timeout_ms
+    if settings.kafka_session_timeout_ms is not None:
+        return settings.kafka_session_timeout_ms
+    return LOCAL_SESSION_TIMEOUT_MS if settings.kafka is None else DEFAULT_SESSION_TIMEOUT_MS
 
 
 # The outbox as this version uses it: the table, its delivery columns and the prune function.
@@ -754,6 +836,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.test_alert:
             return run_test_alert(settings)
         local_db = settings.database is None
+        session_timeout_ms = session_timeout_of(args, settings)
         settings = localstack.resolve(settings, ("postgres", "kafka"))
         conn = load.connect(settings.database)
         try:
@@ -765,8 +848,10 @@ def main(argv: list[str] | None = None) -> int:
         rules = transform.Rules(opening=settings.opening_time, closing=settings.closing_time)
         options = ConsumerOptions(topic=args.topic or settings.topic, group=args.group,
                                   max_messages=args.max_messages, batch_size=args.batch_size,
-                                  session_timeout_ms=args.session_timeout_ms,
-                                  stop_at_end=args.stop_at_end)
+                                  session_timeout_ms=session_timeout_ms,
+                                  stop_at_end=args.stop_at_end,
+                                  outage_limit_seconds=args.kafka_outage_limit
+                                  or settings.kafka_outage_limit_seconds)
         metrics = Metrics(args.metrics_port, args.metrics_host, rules)
         worker = KioskConsumer(settings, options, metrics, rules)
         seed_last_events(settings, metrics)

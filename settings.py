@@ -89,10 +89,14 @@ class KafkaSettings:
     sasl_mechanism: str | None = None
     username: str | None = None
     password: str | None = field(default=None, repr=False)
+    ca_location: str | None = None  # SSL_CA_LOCATION; None: the system's CA store
 
     def client_config(self) -> dict:
+        """librdkafka settings shared by every client (consumer, producer, admin)."""
         config = {"bootstrap.servers": self.bootstrap_servers,
                   "security.protocol": self.security_protocol}
+        if self.ca_location and self.security_protocol in ("SSL", "SASL_SSL"):
+            config["ssl.ca.location"] = self.ca_location
         if self.security_protocol.startswith("SASL"):
             config.update({"sasl.mechanisms": self.sasl_mechanism or "PLAIN",
                            "sasl.username": self.username or "",
@@ -119,6 +123,9 @@ class Settings:
     alert_webhook_format: str = "json"      # json | slack | teams (WEBHOOK_FORMATS)
     alert_retention_days: int = 90          # sent alerts kept this long in alert_outbox
     local_stack: bool = True  # may the local stack stand in for a service left as None?
+    # None: librdkafka's 45 s for a configured broker, less for the local stack (consumer.py)
+    kafka_session_timeout_ms: int | None = None
+    kafka_outage_limit_seconds: float = 600.0  # broker unreachable this long: the consumer stops
 
     def with_services(self, **services) -> Settings:
         return replace(self, **services)
@@ -128,7 +135,8 @@ SERVICE_KEYS = ("DB_HOST", "DB_PORT", "DB_NAME", "DB_USER", "DB_PASS", "AWS_ACCE
                 "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECRET_KEY",
                 "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "BOOTSTRAP_SERVERS",
                 "SECURITY_PROTOCOL", "SASL_MECHANISM", "USERNAME", "PASSWORD",
-                "AWS_SESSION_TOKEN", "AWS_PROFILE", "DB_SSLMODE", "DB_SSLROOTCERT")
+                "AWS_SESSION_TOKEN", "AWS_PROFILE", "DB_SSLMODE", "DB_SSLROOTCERT",
+                "SSL_CA_LOCATION")
 # Any of these set says "this environment has services of its own": then the local stack no
 # longer stands in for the others (SPEC §4). Only names that point somewhere count: the
 # defaults .env.example fills in (DB_PORT, SECURITY_PROTOCOL...) and an AWS_PROFILE exported
@@ -264,7 +272,26 @@ def _kafka(env: Mapping[str, str]) -> KafkaSettings | None:
             raise SettingsError(f"BOOTSTRAP_SERVERS must be host:port[,host:port...], got {servers!r}")
     return KafkaSettings(bootstrap_servers=servers, security_protocol=protocol,
                          sasl_mechanism=mechanism, username=_get(env, "USERNAME"),
-                         password=env.get("PASSWORD"))
+                         password=env.get("PASSWORD"), ca_location=_ca_location(env))
+
+
+def _ca_location(env: Mapping[str, str]) -> str | None:
+    """SSL_CA_LOCATION: a PEM file (or directory) of the brokers' CA, checked here so that a
+    mistyped path is one line naming the setting, not a TLS error from librdkafka."""
+    path = _get(env, "SSL_CA_LOCATION")
+    if path is not None and not Path(path).exists():
+        raise SettingsError(f"SSL_CA_LOCATION names no file or directory: {path!r}")
+    return path
+
+
+def _session_timeout_ms(env: Mapping[str, str]) -> int | None:
+    raw = _get(env, "KAFKA_SESSION_TIMEOUT_MS")
+    if raw is None:
+        return None
+    if not raw.isdigit() or not 1000 <= int(raw) <= 3600000:
+        raise SettingsError("KAFKA_SESSION_TIMEOUT_MS must be a number of milliseconds between "
+                            f"1000 and 3600000, got {raw!r}")
+    return int(raw)
 
 
 def _webhook(env: Mapping[str, str]) -> str | None:
@@ -337,7 +364,9 @@ def load_settings(env: Mapping[str, str]) -> Settings:
                     alert_timeout_seconds=_seconds(env, "ALERT_TIMEOUT_SECONDS", 5.0),
                     alert_retry_max_seconds=_seconds(env, "ALERT_RETRY_MAX_SECONDS", 30.0),
                     alert_webhook_format=_webhook_format(env),
-                    alert_retention_days=_days(env, "ALERT_RETENTION_DAYS", 90))
+                    alert_retention_days=_days(env, "ALERT_RETENTION_DAYS", 90),
+                    kafka_session_timeout_ms=_session_timeout_ms(env),
+                    kafka_outage_limit_seconds=_seconds(env, "KAFKA_OUTAGE_LIMIT_SECONDS", 600.0))
 
 
 SECRET_KEYS = ("DB_PASS", "AWS_SECRET_ACCESS_KEY", "AWS_SECRET_KEY", "AWS_SESSION_TOKEN",

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
 import boto3
+import kafka_front
 import psycopg2
 import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -34,6 +36,8 @@ def isolated_environment():
     for key in (*settings_module.SERVICE_KEYS, "LMNH_STACK", "TOPIC", "BUCKET"):
         os.environ.pop(key, None)
     os.environ["LMNH_ENV_FILE"] = os.devnull
+    # the local broker: a group join takes about half the session timeout (45 s by default)
+    os.environ["KAFKA_SESSION_TIMEOUT_MS"] = "6000"
     yield
     os.environ.clear()
     os.environ.update(saved)
@@ -290,3 +294,48 @@ def tls_db(tls_postgres) -> DatabaseSettings:
     with conn.cursor() as cur:
         cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
     conn.close()
+
+
+@pytest.fixture(scope="session")
+def kafka_certs(tmp_path_factory) -> dict[str, str]:
+    """Made with openssl: a private CA and a server certificate it signed for 127.0.0.1, and
+    another CA with a server certificate of its own (what the clients must not trust)."""
+    where = tmp_path_factory.mktemp("kafka-certs")
+    ca = kafka_front.make_ca(where, "kafka-ca")
+    other = kafka_front.make_ca(where, "other-ca")
+    return {"ca": ca[1], "server": kafka_front.make_server_cert(where, ca, "broker"),
+            "other_ca": other[1],
+            "wrong_server": kafka_front.make_server_cert(where, other, "impostor")}
+
+
+@pytest.fixture
+def kafka_front_factory(kafka_certs, tmp_path):
+    """Start a Tansu of the test's own behind a kafka_front.KafkaFront (TLS with `kafka_certs`
+    when tls, SASL when users are given); the broker advertises the front's address, so every
+    client connection goes through the front. Stopped at the end of the test."""
+    started = []
+
+    def start(tls: bool = True, users: dict[str, str] | None = None) -> kafka_front.KafkaFront:
+        upstream, port = localstack.free_port(), localstack.free_port()
+        log = open(tmp_path / f"tansu-{port}.log", "wb")  # noqa: SIM115 - closed at teardown
+        broker = subprocess.Popen(
+            [str(localstack.tansu_binary()), "broker",
+             "--listener-url", f"tcp://127.0.0.1:{upstream}",
+             "--advertised-listener-url", f"tcp://127.0.0.1:{port}",
+             "--storage-engine", "memory://tansu/"], stdout=log, stderr=subprocess.STDOUT)
+        started.append((broker, log, None))
+        deadline = time.monotonic() + 15
+        while not localstack.port_open(upstream) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        context = kafka_front.server_context(kafka_certs["server"]) if tls else None
+        front = kafka_front.KafkaFront(upstream, port, context, users).start()
+        started[-1] = (broker, log, front)
+        return front
+
+    yield start
+    for broker, log, front in started:
+        if front is not None:
+            front.stop()
+        broker.terminate()
+        broker.wait(10)
+        log.close()

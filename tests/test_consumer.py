@@ -947,7 +947,8 @@ def test_stop_at_end_reads_a_rewound_range_before_stopping(kafka_settings, topic
     committer.close()
     worker = consumer.KioskConsumer(
         Settings(database=db, s3=None, kafka=kafka_settings),
-        consumer.ConsumerOptions(topic, group, batch_size=500, stop_at_end=True),
+        consumer.ConsumerOptions(topic, group, batch_size=500, stop_at_end=True,
+                                 session_timeout_ms=6000),
         consumer.Metrics(None), transform.Rules())
     # the session the worker holds is cut off: reading positions at assignment fails
     worker.db.conn = load.connect(db)

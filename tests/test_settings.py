@@ -59,6 +59,11 @@ def test_secrets_are_not_in_repr():
     ({"BOOTSTRAP_SERVERS": "h:1", "SECURITY_PROTOCOL": "SASL_SSL", "SASL_MECHANISM": "GSSAPI",
       "USERNAME": "u", "PASSWORD": "p"}, "SASL_MECHANISM"),
     ({"BOOTSTRAP_SERVERS": "h:1", "SECURITY_PROTOCOL": "SASL_SSL", "PASSWORD": "p"}, "USERNAME"),
+    ({"BOOTSTRAP_SERVERS": "h:1", "SECURITY_PROTOCOL": "SSL",
+      "SSL_CA_LOCATION": "/no/such/ca.pem"}, "SSL_CA_LOCATION"),
+    ({"KAFKA_SESSION_TIMEOUT_MS": "45s"}, "KAFKA_SESSION_TIMEOUT_MS"),
+    ({"KAFKA_SESSION_TIMEOUT_MS": "10"}, "KAFKA_SESSION_TIMEOUT_MS"),
+    ({"KAFKA_OUTAGE_LIMIT_SECONDS": "ten minutes"}, "KAFKA_OUTAGE_LIMIT_SECONDS"),
     ({"OPENING_TIME": "quarter to nine"}, "OPENING_TIME"),
     ({"DB_HOST": "h", "DB_USER": "u", "DB_SSLMODE": "verify"}, "DB_SSLMODE"),
     ({"DB_HOST": "h", "DB_USER": "u", "DB_SSLROOTCERT": "/no/such/bundle.pem"}, "DB_SSLROOTCERT"),
@@ -132,3 +137,29 @@ def test_a_session_token_goes_with_keys_and_is_a_secret():
     # without keys of its own, the token is boto3's business (its chain reads it with its keys)
     assert load_settings({"DB_HOST": "h", "DB_USER": "u",
                           "AWS_SESSION_TOKEN": "t-2"}).s3.session_token is None
+
+
+def test_kafka_tls_and_sasl_settings_reach_every_client(tmp_path):
+    """SSL_CA_LOCATION and SCRAM go into the librdkafka config that every client is built from
+    (consumer, its admin client, simulator, bench)."""
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not checked here: librdkafka reads it")
+    s = load_settings({"BOOTSTRAP_SERVERS": "b-1.msk:9096", "SECURITY_PROTOCOL": "SASL_SSL",
+                       "SASL_MECHANISM": "scram-sha-512", "USERNAME": "u", "PASSWORD": "p",
+                       "SSL_CA_LOCATION": str(ca)})
+    config = s.kafka.client_config()
+    assert config["ssl.ca.location"] == str(ca)
+    assert config["sasl.mechanisms"] == "SCRAM-SHA-512"
+    assert s.kafka_outage_limit_seconds == 600 and s.kafka_session_timeout_ms is None
+
+
+@pytest.mark.parametrize(("env", "argv", "expected"), [
+    ({"BOOTSTRAP_SERVERS": "b:9092"}, [], 45000),          # a configured broker: KIP-735's
+    ({}, [], 6000),                                        # the local stack's Tansu
+    ({"BOOTSTRAP_SERVERS": "b:9092", "KAFKA_SESSION_TIMEOUT_MS": "30000"}, [], 30000),
+    ({"KAFKA_SESSION_TIMEOUT_MS": "30000"}, ["--session-timeout-ms", "9000"], 9000),
+])
+def test_the_session_timeout_is_45_s_unless_local_or_chosen(env, argv, expected):
+    import consumer
+    args = consumer.build_parser().parse_args(argv)
+    assert consumer.session_timeout_of(args, load_settings(env)) == expected
