@@ -645,7 +645,7 @@ class KioskConsumer:
             tp = TopicPartition(self.topic, partition)
             try:
                 _, high = self.consumer.get_watermark_offsets(tp, cached=True)
-                if ask_broker and not self.broker_down:  # else each ask waits 1 s
+                if ask_broker and self.broker_down_since is None:  # else each ask waits 1 s
                     high = max(high, self.consumer.get_watermark_offsets(tp, timeout=1)[1])
                 stored = self.stored_next.get(partition)
                 if stored is None:
