@@ -66,6 +66,10 @@ LOCAL_SESSION_TIMEOUT_MS = 6000
 # not speak SECURITY_PROTOCOL (SASL_SSL against a plaintext listener hangs in SSL_HANDSHAKE;
 # librdkafka itself only gives up on the connection after 30 s, then says "brokers are down").
 PROTOCOL_CHECK_SECONDS = 20.0
+# How long leaving the group may take at the end. With the brokers unreachable librdkafka's
+# close waits for a request in flight (an offset commit) up to socket.timeout.ms, 60 s; the
+# offsets that count are in the database, so the goodbye to the group is only a courtesy.
+CLOSE_WAIT_SECONDS = 5.0
 HANDSHAKE_STATES = frozenset({"SSL_HANDSHAKE", "AUTH_LEGACY", "AUTH_HANDSHAKE", "AUTH_REQ"})
 # librdkafka's log line for a connection dropped before it was up (a plaintext client at a
 # TLS listener is dropped in APIVERSION_QUERY); only the log says where, not the error callback.
@@ -210,6 +214,17 @@ class ConsumerOptions:
     session_timeout_ms: int = DEFAULT_SESSION_TIMEOUT_MS
     stop_at_end: bool = False         # stop once every assigned partition is consumed
     outage_limit_seconds: float = 600.0  # broker unreachable this long: stop (exit 1)
+
+
+def close_consumer(consumer: Consumer, wait: float = CLOSE_WAIT_SECONDS) -> None:
+    """Leave the group, waiting at most `wait` seconds: a stop (SIGTERM, or an outage past
+    its bound) is not held up by a broker that cannot answer."""
+    closer = threading.Thread(target=consumer.close, name="kafka-close", daemon=True)
+    closer.start()
+    closer.join(wait)
+    if closer.is_alive():
+        log.warning("left the Kafka group without waiting for the broker's answer (none in "
+                    "%.0f s); the group notices when the session times out", wait)
 
 
 class KioskConsumer:
@@ -562,7 +577,7 @@ class KioskConsumer:
                              done / (time.monotonic() - last_report))
                     last_report, reported = time.monotonic(), self.totals.messages
         finally:
-            self.consumer.close()
+            close_consumer(self.consumer)
             self.db.drop()
             if self.sender is not None:
                 self.sender.stop(grace=self.settings.alert_timeout_seconds + 1)

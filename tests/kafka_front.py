@@ -9,7 +9,8 @@ unchanged, to a plaintext Tansu whose advertised listener is the front's address
 come back through the front after reading the metadata.
 
 Faults: `refuse()` closes the listening port (connection refused), `serve_certificate(ctx)`
-serves another certificate (handshakes fail), `serve()` restores; each also cuts the open
+serves another certificate (handshakes fail), `stall()` passes nothing on (a broker that stopped
+answering), `serve()` restores; each also cuts the open
 connections, except those of clients whose client.id is in `keep_client_ids` (the test's own
 producer, which goes on writing "meanwhile").
 """
@@ -229,6 +230,8 @@ class KafkaFront:
         self.server: asyncio.Server | None = None
         self.serving_tls: ssl.SSLContext | None = None
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.flowing = asyncio.Event()  # cleared by stall(): nothing is passed on
+        self.loop.call_soon_threadsafe(self.flowing.set)
 
     # -------------------------------------------------- control, from the test's thread
     def start(self) -> KafkaFront:
@@ -250,6 +253,11 @@ class KafkaFront:
         """Serve another certificate (e.g. from a CA the clients do not trust); the port stays
         open throughout, so every reconnection meets it."""
         self._call(self._listen(tls))
+
+    def stall(self) -> None:
+        """Connections stay open and new ones are accepted, but no request is passed on: a
+        broker that stopped answering (a hung node, a black-holed network)."""
+        self.loop.call_soon_threadsafe(self.flowing.clear)
 
     def serve(self) -> None:
         """Back to normal: the right certificate, connections accepted."""
@@ -302,15 +310,18 @@ class KafkaFront:
             up_reader, conn.upstream = await asyncio.open_connection("127.0.0.1",
                                                                      self.upstream_port)
             if await self._before_requests(conn, reader, up_reader):
-                await asyncio.gather(self._pump(reader, conn.upstream),
-                                     self._pump(up_reader, writer))
+                await asyncio.gather(self._pump(reader, conn.upstream, conn),
+                                     self._pump(up_reader, writer, conn))
         except (OSError, asyncio.IncompleteReadError, ssl.SSLError, AuthenticationFailed):
             pass
         finally:
             self._drop(conn)
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    conn: Connection) -> None:
         while data := await reader.read(65536):
+            if conn.client_id not in self.keep_client_ids:
+                await self.flowing.wait()
             writer.write(data)
             await writer.drain()
         writer.transport.abort()

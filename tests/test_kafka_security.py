@@ -12,12 +12,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
 import kafka_front
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 from test_consumer import (
     PROJECT,
@@ -29,6 +30,7 @@ from test_consumer import (
     wait_for,
 )
 
+import consumer
 import sample_data
 from settings import KafkaSettings
 
@@ -206,6 +208,33 @@ def test_an_outage_past_the_bound_ends_the_consumer_in_one_line(kafka_front_fact
     assert len(errors) == 1, log_text(proc)
     assert "unreachable for more than 3 s" in errors[0], errors
     assert progress(conn, topic) == 50
+
+
+def test_leaving_the_group_is_not_held_up_by_a_broker_that_does_not_answer(
+        kafka_front_factory, kafka_certs, producers, caplog):
+    """librdkafka's close waits for a commit in flight until the broker answers (three
+    minutes here); consumer.close_consumer waits a bounded time, so that a stop (SIGTERM, an
+    outage past its bound) is not held up: the offsets that count are in the database."""
+    front = kafka_front_factory(tls=True)
+    kafka = front_settings(front, kafka_certs)
+    topic = new_topic(kafka)
+    producers(kafka, topic).send(20)
+    client = Consumer({**kafka.client_config(), "group.id": group_name(),
+                       "enable.auto.commit": False, "auto.offset.reset": "earliest",
+                       "session.timeout.ms": 6000, "log_level": 0})
+    client.subscribe([topic])
+    got, deadline = 0, time.monotonic() + 30
+    while got < 20 and time.monotonic() < deadline:
+        got += len(client.consume(100, 0.5))
+    assert got == 20
+    front.stall()
+    client.commit(offsets=[TopicPartition(topic, 0, 20)], asynchronous=True)
+    closing = threading.Thread(target=consumer.close_consumer, args=(client, 1.0))
+    closing.start()
+    closing.join(30)
+    assert not closing.is_alive(), "close_consumer waited for the broker"
+    assert "left the Kafka group without waiting for the broker's answer" in caplog.text
+    front.serve()  # answered at last: librdkafka's own close ends in the background
 
 
 # ------------------------------------------------------------------------ SASL
