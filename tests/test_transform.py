@@ -896,6 +896,31 @@ def test_vectorised_live_form_agrees_with_the_per_value_parser():
     assert done.sum() == len(texts) - 1  # the vectorised path really took them
 
 
+
+def test_live_form_check_is_the_regex_with_ascii_digits():
+    """The live form is recognised for a whole column on code points, not by a regex per
+    value; it must take exactly what `_KAFKA_AT` takes with ASCII digits, whatever one or two
+    characters of a good value are changed to (a Unicode digit, a comma between "+" and "-",
+    NUL, a space...), and refuse anything that is not a text of that length."""
+    import re
+    ascii_form = re.compile(transform._KAFKA_AT.pattern.replace(r"\d", "[0-9]"))
+    good = "2024-03-30T08:00:00.123456+01:00"
+    rng = random.Random(19)
+    alphabet = "0123456789-T:.+,/ Z\u0663\x00é"
+    values = [good, good.replace("+", "-"), good + "0", good[:-1], None, 5, 5.0, "", b"x",
+              good.replace("2", "\u0663"), "\x00" * 32, good[:31] + "\x00"]
+    for _ in range(20_000):
+        chars = list(good)
+        for _ in range(rng.randint(1, 2)):
+            chars[rng.randrange(len(chars))] = rng.choice(alphabet)
+        values.append("".join(chars))
+    column = np.empty(len(values), dtype=object)
+    column[:] = values
+    expected = [isinstance(v, str) and ascii_form.fullmatch(v) is not None for v in values]
+    assert transform._in_kafka_form(column).tolist() == expected
+    assert 1000 < sum(expected) < len(values) - 1000  # both outcomes well represented
+
+
 def test_vectorised_kiosk_form_agrees_with_the_per_value_parser():
     """The kiosk CSV's local `YYYY-MM-DD HH:MM:SS` values are parsed in one vectorised call;
     every value must get what the per-value parser gives: the hour skipped in spring is
