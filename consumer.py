@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import logging
+import operator
 import re
 import signal
 import sys
@@ -23,6 +25,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+import numpy as np
 import psycopg2
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -126,31 +129,31 @@ def store_batch(conn, topic: str, messages: list, rules: transform.Rules,
     `alerting.outbox` is set (SPEC §4.1).
     """
     result = BatchResult(messages=len(messages))
+    partitions, positions = _numbered(messages)
     with load.transaction(conn) as cur:
         offsets, result.new_logs = load.claim_partitions(
-            cur, topic, list({m.partition() for m in messages}), known.topic_id)
+            cur, topic, np.unique(partitions).tolist(), known.topic_id)
         master = load.read_master_data(cur)
-        fresh = [m for m in messages if m.offset() >= offsets[m.partition()][1]]
+        fresh = _fresh(partitions, positions, offsets)
         result.duplicates = len(messages) - len(fresh)
-        if not fresh:
+        if not len(fresh):
             return result
-        first: dict[int, int] = {}
-        for message in fresh:
-            first.setdefault(message.partition(), message.offset())
-        gaps = {p: offsets[p][1] for p, o in first.items()
+        partitions, positions = partitions[fresh], positions[fresh]
+        spans = _spans(partitions, positions)  # partition -> (first offset, last offset)
+        gaps = {p: offsets[p][1] for p, (o, _) in spans.items()
                 if o > offsets[p][1] and (p, offsets[p][1]) not in known.accepted_gaps}
         if gaps:
-            raise OffsetGap(gaps, {p: min(o, offsets[p][1]) for p, o in first.items()})
-        parsed = transform.parse_messages([m.value() for m in fresh],
-                                          [m.partition() for m in fresh],
-                                          [m.offset() for m in fresh])
+            raise OffsetGap(gaps, {p: min(o, offsets[p][1]) for p, (o, _) in spans.items()})
+        values = [m.value() for m in (messages if len(fresh) == len(messages)
+                                      else [messages[i] for i in fresh.tolist()])]
+        parsed = transform.parse_messages(values, partitions, positions)
         outcome = transform.validate_parsed(parsed, master, rules, now)
         source_of = {partition: source for partition, (source, _) in offsets.items()}
         load.run_copies(cur, load.prepare_outcome(outcome, f"kafka://{topic}", source_of))
         result.ratings, result.requests = len(outcome.ratings), len(outcome.requests)
         result.rejected.update(outcome.reason_counts())
-        for message in fresh:  # a partition's messages arrive in offset order
-            result.next_offsets[message.partition()] = message.offset() + 1
+        # a partition's messages arrive in offset order: its last is its highest
+        result.next_offsets = {p: last + 1 for p, (_, last) in spans.items()}
         for partition, next_offset in result.next_offsets.items():
             load.advance_offset(cur, source_of[partition], next_offset)
         calls = alerts.emergencies_of(outcome.requests, master.exhibition_names, rules.zone,
@@ -160,6 +163,30 @@ def store_batch(conn, topic: str, messages: list, rules: transform.Rules,
             result.alerts_queued = alerts.write_alerts(cur, calls.fresh, source_of)
         result.last_event_at = newest_event_per_site(outcome, master)
     return result
+
+
+def _numbered(messages: list) -> tuple[np.ndarray, np.ndarray]:
+    """Every message's partition and offset as arrays: a batch is handled as columns from
+    here on, with no more Python code run per message."""
+    return (np.array([m.partition() for m in messages], dtype=np.int64),
+            np.array([m.offset() for m in messages], dtype=np.int64))
+
+
+def _fresh(partitions: np.ndarray, positions: np.ndarray,
+           offsets: dict[int, tuple[int, int]]) -> np.ndarray:
+    """Indexes of the messages at or above their partition's stored next offset."""
+    keys, which = np.unique(partitions, return_inverse=True)
+    stored = np.array([offsets[p][1] for p in keys.tolist()], dtype=np.int64)
+    return np.flatnonzero(positions >= stored[which])
+
+
+def _spans(partitions: np.ndarray, positions: np.ndarray) -> dict[int, tuple[int, int]]:
+    """partition -> (offset of its first message, of its last) in the batch, partitions in
+    the order they first appear."""
+    keys, first = np.unique(partitions, return_index=True)
+    last = len(partitions) - 1 - np.unique(partitions[::-1], return_index=True)[1]
+    order = np.argsort(first, kind="stable")
+    return {int(keys[k]): (int(positions[first[k]]), int(positions[last[k]])) for k in order}
 
 
 def _librdkafka_logger() -> logging.Logger:
@@ -488,6 +515,10 @@ class KioskConsumer:
                 log.info("partition %d not rewound: %s", partition, exc)
 
     def _usable(self, batch: list) -> list:
+        if all(map(operator.is_, [m.error() for m in batch], itertools.repeat(None))):
+            # the usual batch, no error or end in it: one pass, not a branch per message
+            self.at_end.difference_update({m.partition() for m in batch})
+            return batch
         messages = []
         for message in batch:
             error = message.error()
