@@ -398,7 +398,18 @@ class _ParsedAt:
         self.rows = np.zeros((0, 3), dtype=np.int64)
 
     def parse(self, values: np.ndarray) -> np.ndarray:
-        """(state, UTC us, local time-of-day us) for every value of a column."""
+        """(state, UTC us, local time-of-day us) for every value of a column. Values in the
+        live feed's form are all distinct: they are parsed first, in one call, and neither
+        grouped nor looked up nor kept; the rest go through the cache."""
+        out = np.zeros((len(values), 3), dtype=np.int64)
+        done = _parse_kafka_form(values, self.zone.key, out)
+        if done.all():
+            return out
+        rest = np.flatnonzero(~done)
+        out[rest] = self._parse_cached(values if len(rest) == len(values) else values[rest])
+        return out
+
+    def _parse_cached(self, values: np.ndarray) -> np.ndarray:
         out = np.empty((len(values), 3), dtype=np.int64)
         found = self.keys.get_indexer(values) if len(self.keys) else np.full(len(values), -1)
         known = found >= 0
@@ -407,15 +418,11 @@ class _ParsedAt:
         if len(unknown):
             codes, uniques = pd.factorize(values[unknown], use_na_sentinel=False)
             uniques = np.asarray(uniques, dtype=object)
-            table = np.zeros((len(uniques), 3), dtype=np.int64)
-            done = _parse_kafka_form(uniques, self.zone.key, table)  # all distinct: not kept
-            rest = np.flatnonzero(~done)
-            if len(rest):
-                table[rest] = _parse_ats(list(uniques[rest]), self.zone)
-                texts = rest[np.fromiter((uniques[i].__class__ is str for i in rest),
-                                         dtype=bool, count=len(rest))]
-                self.keys = self.keys.append(pd.Index(uniques[texts], dtype=object))
-                self.rows = np.concatenate([self.rows, table[texts]])
+            table = _parse_ats(list(uniques), self.zone)
+            texts = np.flatnonzero(np.fromiter((u.__class__ is str for u in uniques),
+                                               dtype=bool, count=len(uniques)))
+            self.keys = self.keys.append(pd.Index(uniques[texts], dtype=object))
+            self.rows = np.concatenate([self.rows, table[texts]])
             out[unknown] = table[codes]
         return out
 
