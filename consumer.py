@@ -12,6 +12,7 @@ that lag monitoring keeps working.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import itertools
 import json
@@ -149,19 +150,27 @@ def store_batch(conn, topic: str, messages: list, rules: transform.Rules,
         parsed = transform.parse_messages(values, partitions, positions)
         outcome = transform.validate_parsed(parsed, master, rules, now)
         source_of = {partition: source for partition, (source, _) in offsets.items()}
-        load.run_copies(cur, load.prepare_outcome(outcome, f"kafka://{topic}", source_of))
+        # The server stores the ratings while this thread builds the other COPYs' data and
+        # reads the batch's emergencies and newest events; the cursor is the copier's alone
+        # until finish().
+        copier = load.BackgroundCopy()
+        try:
+            for copy in load.prepared_outcome(outcome, f"kafka://{topic}", source_of):
+                copier.submit(functools.partial(copy.run, cur))
+            calls = alerts.emergencies_of(outcome.requests, master.exhibition_names, rules.zone,
+                                          now or datetime.now(UTC), alerting.max_age)
+            result.last_event_at = newest_event_per_site(outcome, master)
+        finally:
+            copier.finish()
         result.ratings, result.requests = len(outcome.ratings), len(outcome.requests)
         result.rejected.update(outcome.reason_counts())
         # a partition's messages arrive in offset order: its last is its highest
         result.next_offsets = {p: last + 1 for p, (_, last) in spans.items()}
         for partition, next_offset in result.next_offsets.items():
             load.advance_offset(cur, source_of[partition], next_offset)
-        calls = alerts.emergencies_of(outcome.requests, master.exhibition_names, rules.zone,
-                                      now or datetime.now(UTC), alerting.max_age)
         result.emergencies, result.old_emergencies = calls.fresh, calls.old
         if alerting.outbox:
             result.alerts_queued = alerts.write_alerts(cur, calls.fresh, source_of)
-        result.last_event_at = newest_event_per_site(outcome, master)
     return result
 
 
