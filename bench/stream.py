@@ -66,6 +66,7 @@ from common import (  # noqa: E402 - after the path tweak, so `common` is import
 SCRIPT = str(Path(__file__).resolve())
 PARTITIONS = 3
 SESSION_TIMEOUT_MS = 6000
+FETCH_QUEUE_BACKOFF_MS = 10  # as consumer.py: refetch a full partition queue after 10 ms, not 1 s
 ALERT_EVERY = 25  # one message in this many is a fresh emergency call in the latency run
 WHOLE_DAY = {"OPENING_TIME": "00:00:00", "CLOSING_TIME": "23:59:59.999999"}
 
@@ -86,7 +87,8 @@ def worker_limit(argv: list[str]) -> int:
                          "enable.auto.commit": False, "enable.auto.offset.store": False,
                          "auto.offset.reset": "earliest", "enable.partition.eof": True,
                          "session.timeout.ms": SESSION_TIMEOUT_MS,
-                         "heartbeat.interval.ms": SESSION_TIMEOUT_MS // 3})
+                         "heartbeat.interval.ms": SESSION_TIMEOUT_MS // 3,
+                         "fetch.queue.backoff.ms": FETCH_QUEUE_BACKOFF_MS})
     assigned_at = []
 
     def on_assign(consumer, partitions) -> None:
