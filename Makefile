@@ -56,10 +56,12 @@ report: install
 		--TagRemovePreprocessor.remove_cell_tags='["remove-cell"]' analysis.ipynb
 
 # benchmarks on the local stack (bench/README.md): each figure a ratio against a limit measured
-# in the same run; takes about 2 minutes
+# in the same run, the sides interleaved; batch at 1M and 5M rows (best of 3), stream at 1M
+# messages (best of 2) with the latency run; takes about 5 minutes
 bench: install
-	$(LOCAL) $(PY) bench/batch.py
-	$(LOCAL) $(PY) bench/stream.py
+	$(LOCAL) $(PY) bench/batch.py --rows 1000000 --repeat 3 --baseline-rounds 1
+	$(LOCAL) $(PY) bench/batch.py --rows 5000000 --repeat 3 --skip-baseline
+	$(LOCAL) $(PY) bench/stream.py --messages 1000000 --repeat 2
 
 clean: down
 	rm -rf $(VENV) .local logs report

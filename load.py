@@ -476,13 +476,20 @@ def prepare_outcome(outcome: Outcome, source_text: str,
     `sources` is the source_id of every row (an S3 object) or a partition -> source_id map
     (a consumer batch, whose frames carry each row's partition).
     """
+    return list(prepared_outcome(outcome, source_text, sources))
+
+
+def prepared_outcome(outcome: Outcome, source_text: str,
+                     sources: int | Mapping[int, int]) -> Iterator[PreparedCopy]:
+    """`prepare_outcome` one COPY at a time, each built when asked for: the ratings' COPY can
+    run while the rejections' data is being built."""
     def per_row(frame: pd.DataFrame) -> Sources:
         if not isinstance(sources, Mapping):
             return sources
         return frame["partition"].map(sources) if len(frame) else 0
-    return [prepare_ratings(outcome.ratings, per_row(outcome.ratings)),
-            prepare_requests(outcome.requests, per_row(outcome.requests)),
-            prepare_rejections(outcome.rejections, source_text, per_row(outcome.rejections))]
+    yield prepare_ratings(outcome.ratings, per_row(outcome.ratings))
+    yield prepare_requests(outcome.requests, per_row(outcome.requests))
+    yield prepare_rejections(outcome.rejections, source_text, per_row(outcome.rejections))
 
 
 def run_copies(cur, copies: list[PreparedCopy]) -> int:

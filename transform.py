@@ -398,7 +398,18 @@ class _ParsedAt:
         self.rows = np.zeros((0, 3), dtype=np.int64)
 
     def parse(self, values: np.ndarray) -> np.ndarray:
-        """(state, UTC us, local time-of-day us) for every value of a column."""
+        """(state, UTC us, local time-of-day us) for every value of a column. Values in the
+        live feed's form are all distinct: they are parsed first, in one call, and neither
+        grouped nor looked up nor kept; the rest go through the cache."""
+        out = np.zeros((len(values), 3), dtype=np.int64)
+        done = _parse_kafka_form(values, self.zone.key, out)
+        if done.all():
+            return out
+        rest = np.flatnonzero(~done)
+        out[rest] = self._parse_cached(values if len(rest) == len(values) else values[rest])
+        return out
+
+    def _parse_cached(self, values: np.ndarray) -> np.ndarray:
         out = np.empty((len(values), 3), dtype=np.int64)
         found = self.keys.get_indexer(values) if len(self.keys) else np.full(len(values), -1)
         known = found >= 0
@@ -407,15 +418,11 @@ class _ParsedAt:
         if len(unknown):
             codes, uniques = pd.factorize(values[unknown], use_na_sentinel=False)
             uniques = np.asarray(uniques, dtype=object)
-            table = np.zeros((len(uniques), 3), dtype=np.int64)
-            done = _parse_kafka_form(uniques, self.zone.key, table)  # all distinct: not kept
-            rest = np.flatnonzero(~done)
-            if len(rest):
-                table[rest] = _parse_ats(list(uniques[rest]), self.zone)
-                texts = rest[np.fromiter((uniques[i].__class__ is str for i in rest),
-                                         dtype=bool, count=len(rest))]
-                self.keys = self.keys.append(pd.Index(uniques[texts], dtype=object))
-                self.rows = np.concatenate([self.rows, table[texts]])
+            table = _parse_ats(list(uniques), self.zone)
+            texts = np.flatnonzero(np.fromiter((u.__class__ is str for u in uniques),
+                                               dtype=bool, count=len(uniques)))
+            self.keys = self.keys.append(pd.Index(uniques[texts], dtype=object))
+            self.rows = np.concatenate([self.rows, table[texts]])
             out[unknown] = table[codes]
         return out
 
@@ -487,6 +494,34 @@ _KAFKA_AT_MIN_VALUES = 256    # fewer distinct values: one at a time is as quick
 _KAFKA_AT_SNIFF = 64          # values looked at to decide whether the column is in this form
 
 
+# `_KAFKA_AT` as a character template: "d" an ASCII digit, "s" the offset's sign, else itself.
+_KAFKA_TEMPLATE = "dddd-dd-ddTdd:dd:dd.ddddddsdd:dd"
+_KAFKA_LOW = np.array([{"d": ord("0"), "s": ord("+")}.get(c, ord(c)) for c in _KAFKA_TEMPLATE],
+                      dtype=np.uint32)
+_KAFKA_HIGH = np.array([{"d": ord("9"), "s": ord("-")}.get(c, ord(c)) for c in _KAFKA_TEMPLATE],
+                       dtype=np.uint32)
+_KAFKA_SIGN = _KAFKA_TEMPLATE.index("s")
+
+
+def _in_kafka_form(values: np.ndarray) -> np.ndarray:
+    """Which values are texts in `_KAFKA_AT`'s form with ASCII digits, checked for the whole
+    column at once on their code points instead of by a regex per value (which cost 0.3-0.4 s
+    of CPU per million live messages). Stricter than `_KAFKA_AT` (whose \\d takes any Unicode
+    digit): what it leaves out goes to `_parse_at`, which is exact."""
+    n = len(values)
+    texts = np.flatnonzero(np.fromiter(map(isinstance, values, itertools.repeat(str)),
+                                       dtype=bool, count=n))  # C-level loops, no Python frames
+    lengths = np.fromiter(map(len, values[texts]), dtype=np.int64, count=len(texts))
+    where = texts[lengths == _KAFKA_AT_LENGTH]
+    form = np.zeros(n, dtype=bool)
+    codes = np.array(values[where], dtype=f"U{_KAFKA_AT_LENGTH}").view(np.uint32)
+    codes = codes.reshape(len(where), _KAFKA_AT_LENGTH)
+    bad = (codes < _KAFKA_LOW) | (codes > _KAFKA_HIGH)
+    bad[:, _KAFKA_SIGN] |= codes[:, _KAFKA_SIGN] == ord(",")  # between "+" and "-"
+    form[where] = ~bad.view(np.uint64).any(axis=1)  # a row's 32 flags as 4 words
+    return form
+
+
 def _parse_kafka_form(values: np.ndarray, zone: str, table: np.ndarray) -> np.ndarray:
     """Parse the values in the live feed's exact form in one vectorised call (they are all
     distinct, so the per-value cache cannot help); fill `table` rows, return which were done.
@@ -496,8 +531,7 @@ def _parse_kafka_form(values: np.ndarray, zone: str, table: np.ndarray) -> np.nd
     if len(values) < _KAFKA_AT_MIN_VALUES or not any(
             v.__class__ is str and match(v) for v in values[:_KAFKA_AT_SNIFF]):
         return done  # few values, or not the live form (kiosk CSV): the per-value path
-    form = np.fromiter((v.__class__ is str and len(v) == _KAFKA_AT_LENGTH and match(v) is not None
-                        for v in values), dtype=bool, count=len(values))
+    form = _in_kafka_form(values)
     if not form.any():
         return done
     where = np.flatnonzero(form)

@@ -1,6 +1,7 @@
 """Batch benchmark: pipeline.py against the raw limit and against the usual approach.
 
-    python bench/batch.py [--rows N] [--repeat K] [--skip-baseline] [--seed S] [--timeout SEC]
+    python bench/batch.py [--rows N] [--repeat K] [--skip-baseline | --baseline-rounds K]
+                          [--seed S] [--timeout SEC]
 
 One generated kiosk object of N rows goes to a fresh bucket on the local S3 server; then, in
 the same run and interleaved round by round (a, b, c, a, b, c, ...), each of these is run as a
@@ -329,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="rounds a, b, c, a, b, c, ...; each side keeps its best (default 1)")
     parser.add_argument("--skip-baseline", action="store_true",
                         help="leave out c, the execute_values baseline (slow on millions of rows)")
+    parser.add_argument("--baseline-rounds", type=int, default=None,
+                        help="run c in the first K rounds only (default: every round); it is "
+                             "~15x slower than b, so one round is plenty for its ratio")
     parser.add_argument("--seed", type=int, default=1, help="seed of the generated object")
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds before any one measured process is killed "
@@ -357,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
             pipelines.append(bench.pipeline())
             print(line("pipeline", pipelines[-1], args.rows)
                   + f"  ({bench.stored:,} stored + {bench.rejected:,} rejected)", flush=True)
-            if not args.skip_baseline:
+            if not args.skip_baseline and (args.baseline_rounds is None
+                                           or round_no <= args.baseline_rounds):
                 baselines.append(bench.baseline())
                 print(line("baseline", baselines[-1], args.rows)
                       + f"  ({bench.base_stored:,} stored + {bench.base_rejected:,} rejected)",
@@ -395,12 +400,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  limit     {fmt_rate(figures['limit_rows_per_s']):>11} rows/s  (S3 fetch + COPY "
           "into a bare table)")
     print(f"  pipeline  {fmt_rate(figures['pipeline_rows_per_s']):>11} rows/s  "
-          f"= {figures['pipeline_vs_limit']} of the limit (target >= 0.3)")
+          f"= {figures['pipeline_vs_limit']} of the limit (target >= 0.5)")
     if base:
         print(f"  baseline  {fmt_rate(figures['baseline_rows_per_s']):>11} rows/s  "
               f"pipeline = {figures['pipeline_vs_baseline']}x the baseline (target >= 3)")
-    print(f"  pipeline peak RSS {figures['pipeline_peak_rss_mb']} MB (target <= 400 MB at "
-          "5,000,000 rows)")
+    print(f"  pipeline peak RSS {figures['pipeline_peak_rss_mb']} MB (target <= 250 MB at "
+          "every size)")
     print(f"  machine: CPU busy {figures['cpu_busy_before']} before, "
           f"{figures['cpu_busy_during']} during (all processes, share of {info['cpus']} CPUs)")
     print(json.dumps(figures), flush=True)

@@ -896,6 +896,60 @@ def test_vectorised_live_form_agrees_with_the_per_value_parser():
     assert done.sum() == len(texts) - 1  # the vectorised path really took them
 
 
+
+def test_live_form_check_is_the_regex_with_ascii_digits():
+    """The live form is recognised for a whole column on code points, not by a regex per
+    value; it must take exactly what `_KAFKA_AT` takes with ASCII digits, whatever one or two
+    characters of a good value are changed to (a Unicode digit, a comma between "+" and "-",
+    NUL, a space...), and refuse anything that is not a text of that length."""
+    import re
+    ascii_form = re.compile(transform._KAFKA_AT.pattern.replace(r"\d", "[0-9]"))
+    good = "2024-03-30T08:00:00.123456+01:00"
+    rng = random.Random(19)
+    alphabet = "0123456789-T:.+,/ Z\u0663\x00é"
+    values = [good, good.replace("+", "-"), good + "0", good[:-1], None, 5, 5.0, "", b"x",
+              good.replace("2", "\u0663"), "\x00" * 32, good[:31] + "\x00"]
+    for _ in range(20_000):
+        chars = list(good)
+        for _ in range(rng.randint(1, 2)):
+            chars[rng.randrange(len(chars))] = rng.choice(alphabet)
+        values.append("".join(chars))
+    column = np.empty(len(values), dtype=object)
+    column[:] = values
+    expected = [isinstance(v, str) and ascii_form.fullmatch(v) is not None for v in values]
+    assert transform._in_kafka_form(column).tolist() == expected
+    assert 1000 < sum(expected) < len(values) - 1000  # both outcomes well represented
+
+
+
+def test_mixed_timestamp_column_live_form_first_then_the_cache():
+    """A column mixing the live form, the kiosk form, other ISO forms, invalid and missing
+    values, twice (the second time from the cache): every value gets what the per-value
+    parser gives, and the live-form values (all distinct) are not kept in the cache."""
+    from zoneinfo import ZoneInfo
+    london = ZoneInfo("Europe/London")
+    rng = random.Random(7)
+    start = datetime(2024, 3, 30, tzinfo=UTC)
+    values = []
+    for i in range(3000):
+        moment = start + timedelta(seconds=rng.randrange(60 * 86_400), microseconds=i)
+        kind = i % 6
+        values.append(moment.astimezone(london).isoformat(timespec="microseconds") if kind < 3
+                      else moment.astimezone(london).strftime("%Y-%m-%d %H:%M:%S") if kind == 3
+                      else moment.isoformat().replace("+00:00", "Z") if kind == 4
+                      else rng.choice([None, "", 5, 1.5, "x", "2024-03-31 01:30:00",
+                                       "2024-13-01T00:00:00.000000+00:00"]))
+    transform._AT_CACHE.pop("Europe/London", None)
+    expected = [transform._parse_at(v, london) for v in values]
+    for _ in range(2):
+        state, utc, tod = transform._timestamps(pd.Series(values, dtype=object), "Europe/London")
+        assert [tuple(x) for x in zip(state, utc, tod)] == expected
+    kept = set(transform._AT_CACHE["Europe/London"].keys)
+    # only the live-form text pandas refuses (month 13) is parsed one at a time, and kept
+    assert {v for v in kept if transform._KAFKA_AT.fullmatch(v)} == {
+        "2024-13-01T00:00:00.000000+00:00"}
+
+
 def test_vectorised_kiosk_form_agrees_with_the_per_value_parser():
     """The kiosk CSV's local `YYYY-MM-DD HH:MM:SS` values are parsed in one vectorised call;
     every value must get what the per-value parser gives: the hour skipped in spring is
