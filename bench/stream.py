@@ -146,8 +146,11 @@ class StreamBench:
               flush=True)
 
     def consumer_env(self, db: str) -> dict[str, str]:
+        # the same session timeout as the limit: with the broker named, consumer.py would take
+        # production's 45 s, and Tansu's group join takes about half of it (SPEC §5)
         return child_env(**db_env(self.pg_port, db, self.pg_password),
-                         BOOTSTRAP_SERVERS=self.kafka.bootstrap_servers)
+                         BOOTSTRAP_SERVERS=self.kafka.bootstrap_servers,
+                         KAFKA_SESSION_TIMEOUT_MS=str(SESSION_TIMEOUT_MS))
 
     def _check(self, what: str, db: str, topic: str, expected: int) -> tuple[int, int]:
         stored, rejected = self.dbs.event_counts(db)
