@@ -411,9 +411,8 @@ class AlertSender:
                     cur.execute(COUNT_PENDING)
                     self._set_pending(*cur.fetchone())
                     return
-                source_id, position, alert, payload, attempts = row
-                tried[0].append(source_id)
-                tried[1].append(position)
+                tried[0].append(row[0])  # source_id
+                tried[1].append(row[1])  # position
                 away = self._send_one(cur, row)
             if away is not None:  # raised after the commit, which keeps the attempt's record
                 raise away

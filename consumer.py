@@ -654,12 +654,8 @@ class KioskConsumer:
                 self.at_end.discard(message.partition())
             elif error.code() == KafkaError._PARTITION_EOF:
                 self.at_end.add(message.partition())
-            elif error.code() in FATAL_KAFKA_CODES or error.fatal():
-                self._stop_for(f"Kafka refused us: {error.str()}")
-            elif error.code() in OUTAGE_KAFKA_CODES:
+            else:  # judged as the error callback's errors are
                 self._on_error(error)
-            else:
-                log.warning("Kafka: %s", error.str())
         return messages
 
     def _handle(self, messages: list) -> None:

@@ -41,6 +41,7 @@ from settings import (
     Settings,
     SettingsError,
     environment_secrets,
+    first_line,
     read_environment,
     redact,
 )
@@ -528,7 +529,7 @@ def _probe(db: DatabaseSettings, sslmode: str) -> bool:
     try:
         psycopg2.connect(**kwargs).close()
     except psycopg2.OperationalError as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        message = first_line(exc)
         if load.tls_hint(db, message) and "no encryption" not in message:
             raise LocalStackError(str(load.connect_error(db, exc))) from None
         return "no encryption" in message

@@ -315,21 +315,13 @@ def _webhook_format(env: Mapping[str, str]) -> str:
     return value
 
 
-def _days(env: Mapping[str, str], name: str, default: int) -> int:
+def _whole(env: Mapping[str, str], name: str, default: int, unit: str) -> int:
+    """A whole number of `unit` above 0 (ALERT_MAX_AGE_MINUTES, ALERT_RETENTION_DAYS)."""
     raw = _get(env, name)
     if raw is None:
         return default
     if not raw.isdigit() or int(raw) <= 0:
-        raise SettingsError(f"{name} must be a whole number of days above 0, got {raw!r}")
-    return int(raw)
-
-
-def _minutes(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = _get(env, name)
-    if raw is None:
-        return default
-    if not raw.isdigit() or int(raw) <= 0:
-        raise SettingsError(f"{name} must be a whole number of minutes above 0, got {raw!r}")
+        raise SettingsError(f"{name} must be a whole number of {unit} above 0, got {raw!r}")
     return int(raw)
 
 
@@ -360,11 +352,11 @@ def load_settings(env: Mapping[str, str]) -> Settings:
                     local_stack=not configured, topic=topic,
                     bucket=bucket, opening_time=opening, closing_time=closing,
                     alert_webhook_url=_webhook(env),
-                    alert_max_age_minutes=_minutes(env, "ALERT_MAX_AGE_MINUTES", 15),
+                    alert_max_age_minutes=_whole(env, "ALERT_MAX_AGE_MINUTES", 15, "minutes"),
                     alert_timeout_seconds=_seconds(env, "ALERT_TIMEOUT_SECONDS", 5.0),
                     alert_retry_max_seconds=_seconds(env, "ALERT_RETRY_MAX_SECONDS", 30.0),
                     alert_webhook_format=_webhook_format(env),
-                    alert_retention_days=_days(env, "ALERT_RETENTION_DAYS", 90),
+                    alert_retention_days=_whole(env, "ALERT_RETENTION_DAYS", 90, "days"),
                     kafka_session_timeout_ms=_session_timeout_ms(env),
                     kafka_outage_limit_seconds=_seconds(env, "KAFKA_OUTAGE_LIMIT_SECONDS", 600.0))
 
