@@ -12,6 +12,7 @@ that lag monitoring keeps working.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import functools
 import gc
 import itertools
@@ -109,6 +110,11 @@ class OffsetGap(Exception):
         self.rewind_to = rewind_to
 
 
+class StaleAhead(Exception):
+    """The master data or sources changed since the batch was validated ahead: it must be
+    validated again, which only the loop's thread does (the validation caches are its own)."""
+
+
 class BatchAbandoned(Exception):
     """Asked to stop while the database is away: the batch in hand is left for the next run."""
 
@@ -126,6 +132,10 @@ class BatchResult:
     old_emergencies: int = 0          # too old to alert: a backlog being caught up
     alerts_queued: int = 0            # rows this batch added to alert_outbox
     last_event_at: dict[int, float] = field(default_factory=dict)  # site -> newest event (Unix s)
+    # what the batch's transaction read: the next batch is prepared against it
+    master: transform.MasterData | None = None
+    source_of: dict[int, int] = field(default_factory=dict)
+    seconds: float = 0.0              # storing it, as the batch-duration metric counts it
 
 
 @dataclass(frozen=True)
@@ -137,10 +147,68 @@ class KnownLog:
     accepted_gaps: frozenset[tuple[int, int]] = frozenset()
 
 
+@dataclass
+class Batch:
+    """A batch as read from the topic, as columns, and the judging it gets.
+
+    prepare_batch can parse and validate it and build its COPY data before its transaction,
+    against the master data and sources the previous batch's transaction read, so that this
+    work overlaps the server storing that batch. store_batch_as uses that only where its own
+    transaction reads the same master data and sources and finds every message new;
+    otherwise it validates inside the transaction, as it always did.
+    """
+
+    messages: list
+    rules: transform.Rules
+    now: datetime | None = None
+    alerting: alerts.Alerting = alerts.NO_ALERTS
+    partitions: np.ndarray = field(init=False)
+    positions: np.ndarray = field(init=False)
+    ahead: Ahead | None = None  # prepare_batch's work
+
+    def __post_init__(self) -> None:
+        self.partitions, self.positions = _numbered(self.messages)
+
+
+@dataclass
+class Ahead:
+    """What prepare_batch did, and against which master data and sources."""
+
+    master: transform.MasterData
+    source_of: dict[int, int]
+    outcome: transform.Outcome
+    copies: list[load.PreparedCopy]
+    calls: alerts.Emergencies
+    last_event_at: dict[int, float]
+
+
+def prepare_batch(topic: str, batch: Batch, master: transform.MasterData,
+                  source_of: dict[int, int]) -> None:
+    """Everything of storing a batch that needs no database, done ahead (batch.ahead); not
+    done when a partition of the batch has no known source yet."""
+    if not set(np.unique(batch.partitions).tolist()) <= source_of.keys():
+        return
+    parsed = transform.parse_messages([m.value() for m in batch.messages], batch.partitions,
+                                      batch.positions)
+    outcome = transform.validate_parsed(parsed, master, batch.rules, batch.now)
+    calls = alerts.emergencies_of(outcome.requests, master.exhibition_names, batch.rules.zone,
+                                  batch.now or datetime.now(UTC), batch.alerting.max_age)
+    batch.ahead = Ahead(master, dict(source_of), outcome,
+                        load.prepare_outcome(outcome, f"kafka://{topic}", source_of), calls,
+                        newest_event_per_site(outcome, master))
+
+
 def store_batch(conn, topic: str, messages: list, rules: transform.Rules,
                 now: datetime | None = None, known: KnownLog = KnownLog(),
                 alerting: alerts.Alerting = alerts.NO_ALERTS) -> BatchResult:
-    """Validate a batch and commit its rows, rejections and offsets in one transaction.
+    """Validate a batch and commit its rows, rejections and offsets in one transaction
+    (store_batch_as)."""
+    return store_batch_as(conn, topic, Batch(messages, rules, now, alerting), known)
+
+
+def store_batch_as(conn, topic: str, batch: Batch, known: KnownLog = KnownLog(),
+                   ahead_only: bool = False) -> BatchResult:
+    """Commit a batch's rows, rejections and offsets in one transaction.
 
     The partitions' offset rows are locked first; a message below the stored offset is already
     in the database (a replay) and is dropped, so nothing is ever stored twice. A batch that
@@ -151,51 +219,73 @@ def store_batch(conn, topic: str, messages: list, rules: transform.Rules,
     and the batch starts its new source (assignment does this first, unless the database was
     away then).
     Fresh emergency calls are queued in the alert outbox in the same transaction when
-    `alerting.outbox` is set (SPEC §4.1).
+    `batch.alerting.outbox` is set (SPEC §4.1). `ahead_only`: raise StaleAhead (nothing
+    written) rather than validate here when the work done ahead does not match.
     """
-    result = BatchResult(messages=len(messages))
-    partitions, positions = _numbered(messages)
+    result = BatchResult(messages=len(batch.messages))
     with load.transaction(conn) as cur:
         offsets, result.new_logs = load.claim_partitions(
-            cur, topic, np.unique(partitions).tolist(), known.topic_id)
+            cur, topic, np.unique(batch.partitions).tolist(), known.topic_id)
         master = load.read_master_data(cur)
-        fresh = _fresh(partitions, positions, offsets)
-        result.duplicates = len(messages) - len(fresh)
+        source_of = {partition: source for partition, (source, _) in offsets.items()}
+        result.master, result.source_of = master, source_of
+        fresh = _fresh(batch.partitions, batch.positions, offsets)
+        result.duplicates = len(batch.messages) - len(fresh)
         if not len(fresh):
             return result
-        partitions, positions = partitions[fresh], positions[fresh]
-        spans = _spans(partitions, positions)  # partition -> (first offset, last offset)
+        spans = _spans(batch.partitions[fresh], batch.positions[fresh])  # p -> (first, last)
         gaps = {p: offsets[p][1] for p, (o, _) in spans.items()
                 if o > offsets[p][1] and (p, offsets[p][1]) not in known.accepted_gaps}
         if gaps:
             raise OffsetGap(gaps, {p: min(o, offsets[p][1]) for p, (o, _) in spans.items()})
-        values = [m.value() for m in (messages if len(fresh) == len(messages)
-                                      else [messages[i] for i in fresh.tolist()])]
-        parsed = transform.parse_messages(values, partitions, positions)
-        outcome = transform.validate_parsed(parsed, master, rules, now)
-        source_of = {partition: source for partition, (source, _) in offsets.items()}
-        # The server stores the ratings while this thread builds the other COPYs' data and
-        # reads the batch's emergencies and newest events; the cursor is the copier's alone
-        # until finish().
-        copier = load.BackgroundCopy()
-        try:
-            for copy in load.prepared_outcome(outcome, f"kafka://{topic}", source_of):
-                copier.submit(functools.partial(copy.run, cur))
-            calls = alerts.emergencies_of(outcome.requests, master.exhibition_names, rules.zone,
-                                          now or datetime.now(UTC), alerting.max_age)
-            result.last_event_at = newest_event_per_site(outcome, master)
-        finally:
-            copier.finish()
-        result.ratings, result.requests = len(outcome.ratings), len(outcome.requests)
-        result.rejected.update(outcome.reason_counts())
+        ahead = batch.ahead
+        if (ahead is not None and not result.duplicates and ahead.master == master
+                and all(ahead.source_of[p] == source_of[p] for p in spans)):
+            load.run_copies(cur, ahead.copies)
+        elif ahead_only:
+            raise StaleAhead()
+        else:
+            ahead = _store_validated(cur, topic, batch, fresh, master, source_of)
+        result.last_event_at = ahead.last_event_at
+        result.ratings, result.requests = len(ahead.outcome.ratings), len(ahead.outcome.requests)
+        result.rejected.update(ahead.outcome.reason_counts())
         # a partition's messages arrive in offset order: its last is its highest
         result.next_offsets = {p: last + 1 for p, (_, last) in spans.items()}
         for partition, next_offset in result.next_offsets.items():
             load.advance_offset(cur, source_of[partition], next_offset)
-        result.emergencies, result.old_emergencies = calls.fresh, calls.old
-        if alerting.outbox:
-            result.alerts_queued = alerts.write_alerts(cur, calls.fresh, source_of)
+        result.emergencies, result.old_emergencies = ahead.calls.fresh, ahead.calls.old
+        if batch.alerting.outbox:
+            result.alerts_queued = alerts.write_alerts(cur, ahead.calls.fresh, source_of)
     return result
+
+
+def _store_validated(cur, topic: str, batch: Batch, fresh: np.ndarray,
+                     master: transform.MasterData, source_of: dict[int, int]) -> Ahead:
+    """Validate the batch's new messages inside the transaction and COPY them: the server
+    stores the ratings while this thread builds the other COPYs' data and reads the batch's
+    emergencies and newest events; the cursor is the copier's alone until finish()."""
+    messages = batch.messages
+    values = [m.value() for m in (messages if len(fresh) == len(messages)
+                                  else [messages[i] for i in fresh.tolist()])]
+    parsed = transform.parse_messages(values, batch.partitions[fresh], batch.positions[fresh])
+    outcome = transform.validate_parsed(parsed, master, batch.rules, batch.now)
+    copier = load.BackgroundCopy()
+    try:
+        for copy in load.prepared_outcome(outcome, f"kafka://{topic}", source_of):
+            copier.submit(functools.partial(copy.run, cur))
+        calls = alerts.emergencies_of(outcome.requests, master.exhibition_names,
+                                      batch.rules.zone, batch.now or datetime.now(UTC),
+                                      batch.alerting.max_age)
+        last_event_at = newest_event_per_site(outcome, master)
+    finally:
+        copier.finish()
+    return Ahead(master, source_of, outcome, [], calls, last_event_at)
+
+
+@dataclass
+class InFlight:
+    future: concurrent.futures.Future | None  # None: stored when settled, by the loop
+    batch: Batch
 
 
 def _numbered(messages: list) -> tuple[np.ndarray, np.ndarray]:
@@ -311,6 +401,11 @@ class KioskConsumer:
         self.consumer = Consumer(config)
         self.admin: AdminClient | None = None  # topic IDs, read at assignment
         self.topic_id: str | None = None
+        # One batch at a time is stored by this thread while the loop reads and validates the
+        # next; the database connection is the batch in flight's alone until it is settled.
+        self.storer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store")
+        self.in_flight: InFlight | None = None
+        self.last_read: BatchResult | None = None  # master data and sources the next uses
 
     # ---- signals and callbacks
     def request_stop(self, signum=None, frame=None) -> None:
@@ -409,6 +504,7 @@ class KioskConsumer:
         self.stopping = True
 
     def _on_assign(self, consumer, partitions: list[TopicPartition]) -> None:
+        self._quiesce()  # the connection is the batch in flight's until then
         wanted = [p.partition for p in partitions]
         try:
             stored = self._claim(consumer, wanted)
@@ -479,14 +575,16 @@ class KioskConsumer:
         return ends
 
     def _on_revoke(self, consumer, partitions: list[TopicPartition]) -> None:
-        # Nothing to flush: each batch is stored before the next consume(), so the database
-        # already holds everything this consumer took from these partitions.
+        # The batch in flight finishes its transaction first: then the database holds
+        # everything this consumer took from these partitions (the loop handles its result).
+        self._quiesce()
         gone = {p.partition for p in partitions}
         self.assigned -= gone
         self.at_end -= gone
         log.info("revoked %s partitions %s", self.topic, sorted(gone))
 
     def _on_lost(self, consumer, partitions: list[TopicPartition]) -> None:
+        self._quiesce()
         gone = {p.partition for p in partitions}
         self.assigned -= gone
         self.at_end -= gone
@@ -494,20 +592,38 @@ class KioskConsumer:
                     "database's offsets", self.topic, sorted(gone))
 
     # ---- database
-    def _store_with_retry(self, messages: list) -> BatchResult:
-        """Store a batch, retrying with backoff while the database is away (offsets hold).
+    def _store_once(self, batch: Batch, known: KnownLog, ahead_only: bool = False
+                    ) -> BatchResult:
+        """One attempt at storing a batch (with `ahead_only`, the store thread's job); its
+        failure is judged on the loop's thread by _store_with_retry."""
+        started = time.monotonic()
+        result = store_batch_as(self.db.get(), self.topic, batch, known, ahead_only)
+        result.seconds = time.monotonic() - started
+        if result.alerts_queued and self.sender is not None:
+            self.sender.wake()  # committed: the sender can see them now
+        return result
+
+    def _store_with_retry(self, flight: InFlight) -> BatchResult:
+        """The batch in flight's result, retrying it here with backoff while the database is
+        away (offsets hold).
 
         Away includes busy or changing: another session's lock (bounded by load.LOCK_TIMEOUT,
         so a stop request is heard within seconds), a failover to a read-only replica,
         a serialization failure; load.is_transient tells these from what waiting cannot fix.
         """
         delay = 0.5
+        attempt: concurrent.futures.Future | None = flight.future
         while True:
             try:
-                result = store_batch(self.db.get(), self.topic, messages, self.rules,
-                                     known=KnownLog(self.topic_id,
-                                                    frozenset(self.accepted_gaps)),
-                                     alerting=self.alerting)
+                if attempt is not None:
+                    first, attempt = attempt, None  # a retry is made here, not there
+                    result = first.result()
+                else:
+                    result = self._store_once(flight.batch, KnownLog(
+                        self.topic_id, frozenset(self.accepted_gaps)))
+            except StaleAhead:
+                flight.batch.ahead = None  # validated again here, in its transaction
+                continue
             except (psycopg2.Error, load.DatabaseError) as exc:
                 text = load.describe_error(exc)
                 if not load.is_transient(exc):
@@ -519,7 +635,7 @@ class KioskConsumer:
                 if self.stopping:
                     # Nothing of this batch is stored and no offset moved: the next run
                     # consumes it again, so stopping now loses nothing.
-                    raise BatchAbandoned(len(messages)) from None
+                    raise BatchAbandoned(len(flight.batch.messages)) from None
                 self._wait(delay)
                 delay = min(delay * 2, 10.0)
                 continue
@@ -588,7 +704,8 @@ class KioskConsumer:
             while not self.stopping:
                 want = self.batch_size
                 if self.max_messages is not None:
-                    want = min(want, self.max_messages - self.totals.messages)
+                    want = min(want, self.max_messages - self.totals.messages
+                               - (len(self.in_flight.batch.messages) if self.in_flight else 0))
                     if want <= 0:
                         break
                 batch = self.consumer.consume(num_messages=want, timeout=0.5)
@@ -598,17 +715,15 @@ class KioskConsumer:
                 if messages:
                     self.broker_connected = True
                     self._broker_back()
-                    try:
-                        self._handle(messages)
-                    except OffsetGap as exc:
-                        self._rewind(exc)
-                    except BatchAbandoned as exc:
-                        log.warning("stopping with %s consumed messages not stored (the database "
-                                    "is unavailable); they will be read again on restart", exc)
-                        break
-                if self.stop_at_end and self.assigned and self.at_end >= self.assigned:
-                    log.info("all assigned partitions are at their end; stopping")
+                if not self._advance(messages):
                     break
+                if self.stop_at_end and self.assigned and self.at_end >= self.assigned:
+                    # settled first: a batch refused for a gap reopens its partition's end
+                    if not self._advance([]):
+                        break
+                    if self.at_end >= self.assigned:
+                        log.info("all assigned partitions are at their end; stopping")
+                        break
                 self._update_lag(after_batch=bool(messages))
                 if not messages:
                     self._probe_database()
@@ -618,7 +733,11 @@ class KioskConsumer:
                              time.monotonic() - last_report,
                              done / (time.monotonic() - last_report))
                     last_report, reported = time.monotonic(), self.totals.messages
+            self._advance([])  # the last batch's result (after a stop, a limit or the end)
+            self._update_lag(after_batch=True)
         finally:
+            self._quiesce()  # never close the connection under a running transaction
+            self.storer.shutdown()
             close_consumer(self.consumer)
             self.db.drop()
             if self.sender is not None:
@@ -627,12 +746,17 @@ class KioskConsumer:
             raise FatalError(self.fatal)
         return EXIT_OK
 
-    def _rewind(self, gap: OffsetGap) -> None:
-        """Re-read from the database's offsets; a gap seen twice is gone from the broker."""
+    def _rewind(self, gap: OffsetGap, unstored: list) -> None:
+        """Re-read from the database's offsets; a gap seen twice is gone from the broker.
+        `unstored`, the batch read after the refused one, is dropped and read again too."""
         log.warning("batch skipped ahead of the stored offsets (%s): reading those partitions "
                     "again from there", gap)
         self.accepted_gaps.update(gap.gaps.items())
-        for partition, offset in gap.rewind_to.items():
+        rewind_to = dict(gap.rewind_to)
+        if unstored:
+            for partition, (first, _) in _spans(*_numbered(unstored)).items():
+                rewind_to[partition] = min(first, rewind_to.get(partition, first))
+        for partition, offset in rewind_to.items():
             # An end seen with the refused batch is behind us again: --stop-at-end waits for
             # the next one, after the rewound range has been read.
             self.at_end.discard(partition)
@@ -658,16 +782,53 @@ class KioskConsumer:
                 self._on_error(error)
         return messages
 
-    def _handle(self, messages: list) -> None:
-        started = time.monotonic()
-        result = self._store_with_retry(messages)
-        seconds = time.monotonic() - started
+    # ---- the batch in flight
+    def _advance(self, messages: list) -> bool:
+        """Settle the batch in flight, then put `messages` (if any) in flight; False: stop.
+
+        `messages` are parsed and validated before the batch in flight is waited for, so the
+        server stores one batch while this thread works on the next."""
+        batch = Batch(messages, self.rules, alerting=self.alerting) if messages else None
+        if batch is not None and self.last_read is not None \
+                and self.last_read.master is not None:
+            prepare_batch(self.topic, batch, self.last_read.master, self.last_read.source_of)
+        try:
+            self._settle()
+        except OffsetGap as exc:
+            self._rewind(exc, unstored=messages)
+            return True
+        except BatchAbandoned as exc:
+            log.warning("stopping with %d consumed messages not stored (the database is "
+                        "unavailable); they will be read again on restart",
+                        exc.args[0] + len(messages))
+            return False
+        if batch is not None:
+            # Only a batch validated ahead is stored by the store thread; any other is
+            # validated and stored when it is settled, on this thread.
+            known = KnownLog(self.topic_id, frozenset(self.accepted_gaps))
+            self.in_flight = InFlight(None if batch.ahead is None else self.storer.submit(
+                self._store_once, batch, known, True), batch)
+        return True
+
+    def _quiesce(self) -> None:
+        """Wait until the batch in flight has finished its transaction (not for its result,
+        which the loop handles): before the connection is used elsewhere, or partitions go."""
+        if self.in_flight is not None and self.in_flight.future is not None:
+            concurrent.futures.wait([self.in_flight.future])
+
+    def _settle(self) -> None:
+        """The batch in flight's outcome: retried here while the database is away; once
+        stored, its offsets are committed to Kafka too and it is counted and logged."""
+        if self.in_flight is None:
+            return
+        flight, self.in_flight = self.in_flight, None
+        result = self._store_with_retry(flight)
+        self.last_read = result
+        seconds = result.seconds
         if result.next_offsets:
             self.consumer.commit(offsets=[TopicPartition(self.topic, p, o)
                                           for p, o in result.next_offsets.items()],
                                  asynchronous=True)
-        if result.alerts_queued and self.sender is not None:
-            self.sender.wake()  # committed: the sender can see them now
         self._add(result)
         self.stored_next.update(result.next_offsets)
         self.metrics.observe(result, seconds)
@@ -933,4 +1094,7 @@ if __name__ == "__main__":
     # Everything imported so far lives until exit: frozen, the collector never walks it again
     # in the full collections of a long run, nor at interpreter shutdown.
     gc.freeze()
+    # The store thread gets the GIL back within 1 ms of each libpq call it makes, not 5 ms,
+    # while this thread validates the next batch.
+    sys.setswitchinterval(0.001)
     sys.exit(main())

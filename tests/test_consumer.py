@@ -1007,6 +1007,71 @@ def test_batches_over_known_partitions_draw_no_identity_value(kafka_settings, to
     assert scalar(conn, "SELECT count(*) FROM event_source") == 1
 
 
+
+class Reads:
+    """A real consumer message that counts how often its payload is read."""
+
+    def __init__(self, message):
+        self.message, self.reads = message, 0
+
+    def value(self):
+        self.reads += 1
+        return self.message.value()
+
+    def partition(self):
+        return self.message.partition()
+
+    def offset(self):
+        return self.message.offset()
+
+
+def test_a_batch_validated_ahead_is_stored_as_its_transaction_would_store_it(kafka_settings,
+                                                                             topic, conn):
+    """The consumer validates a batch while the one before is stored (prepare_batch). Against
+    the master data and sources that transaction read, the work done ahead is what is stored:
+    the payloads are not read again, and every outcome is the reference classifier's."""
+    payloads = sample_data.generate_messages(400, seed=19) + [p for p, _ in EDGE_CASES]
+    placed = produce(kafka_settings, topic, payloads)
+    first = consumer.store_batch(conn, topic, read_messages(kafka_settings, topic, 0, 200),
+                                 transform.Rules())
+    batch = consumer.Batch([Reads(m) for m in read_messages(kafka_settings, topic, 200,
+                                                             len(payloads) - 200)],
+                           transform.Rules())
+    consumer.prepare_batch(topic, batch, first.master, first.source_of)
+    assert batch.ahead is not None
+    result = consumer.store_batch_as(conn, topic, batch)
+    assert {m.reads for m in batch.messages} == {1}  # read once, ahead; not again inside
+    assert result.next_offsets == {0: len(payloads)}
+    assert_exact(conn, topic, placed)
+
+
+def test_a_batch_validated_ahead_is_validated_again_when_the_master_data_changed(
+        kafka_settings, topic, conn):
+    """Validated ahead against master data without site 6, stored after EXH_06 was added:
+    the transaction sees other master data than the work done ahead and validates again, so
+    site 6's events are stored, not rejected as an unknown site."""
+    at = f"{DAY}T11:00:00+01:00"
+    produce(kafka_settings, topic, [message(at=at, site="1", val=2)] * 5
+            + [message(at=at, site="6", val=4)] * 5)
+    first = consumer.store_batch(conn, topic, read_messages(kafka_settings, topic, 0, 5),
+                                 transform.Rules())
+    batch = consumer.Batch(read_messages(kafka_settings, topic, 5, 5), transform.Rules())
+    consumer.prepare_batch(topic, batch, first.master, first.source_of)
+    assert batch.ahead.outcome.reason_counts() == {"unknown_site": 5}
+    with load.transaction(conn) as cur:
+        load.upsert_exhibition(cur, transform.Exhibition(
+            public_id="EXH_06", site=6, name="Starlight Gallery", floor="2",
+            department="Astronomy", start_date=date(2024, 10, 1), description="Meteorites."))
+    # the store thread's way (ahead_only): refused, nothing written, left to the loop's thread
+    with pytest.raises(consumer.StaleAhead):
+        consumer.store_batch_as(conn, topic, batch, ahead_only=True)
+    assert next_offsets(conn, topic) == {0: 5} and sum(table_counts(conn).values()) == 5
+    result = consumer.store_batch_as(conn, topic, batch)
+    assert (result.ratings, sum(result.rejected.values())) == (5, 0)
+    assert table_counts(conn) == {"rating_interaction": 10, "request_interaction": 0,
+                                  "rejected_event": 0}
+
+
 EVENTS_BY_SOURCE_SQL = """
 SELECT s.uri, t.position, t.outcome
 FROM (SELECT source_id, position, 'rating' AS outcome FROM rating_interaction
