@@ -789,10 +789,14 @@ class KioskConsumer:
         `messages` are parsed and validated before the batch in flight is waited for, so the
         server stores one batch while this thread works on the next."""
         batch = Batch(messages, self.rules, alerting=self.alerting) if messages else None
-        if batch is not None and self.last_read is not None \
-                and self.last_read.master is not None:
-            prepare_batch(self.topic, batch, self.last_read.master, self.last_read.source_of)
         try:
+            if self.in_flight is not None and self.in_flight.future is None:
+                self._settle()  # stored on this thread: nothing to overlap, and it tells
+                # this batch the master data and sources to be validated against
+            if batch is not None and self.last_read is not None \
+                    and self.last_read.master is not None:
+                prepare_batch(self.topic, batch, self.last_read.master,
+                              self.last_read.source_of)
             self._settle()
         except OffsetGap as exc:
             self._rewind(exc, unstored=messages)
