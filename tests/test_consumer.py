@@ -933,6 +933,49 @@ def test_a_batch_that_skips_ahead_of_the_stored_offset_is_refused_then_reread(
     assert sum(table_counts(conn).values()) == 10
 
 
+def test_a_refused_batch_sends_the_batch_read_after_it_back_too(kafka_settings, db, conn):
+    """The consumer reads a batch while the one before is stored. When that one is refused for
+    skipping ahead (partition 0 starts at the group's Kafka offset 10, the database says 0),
+    the batch already read is dropped and its partitions are read again from where it began:
+    partition 1 is not skipped, so the gap is met once, on partition 0 only."""
+    from confluent_kafka import Consumer, TopicPartition
+    topic = create_topic(kafka_settings, 2)
+    placed = produce(kafka_settings, topic, sample_data.generate_messages(40, seed=37),
+                     partitions=2)
+    group = group_name()
+    committer = Consumer({**kafka_settings.client_config(), "group.id": group,
+                          "enable.auto.commit": False})
+    committer.commit(offsets=[TopicPartition(topic, 0, 10)], asynchronous=False)
+    committer.close()
+    worker = consumer.KioskConsumer(
+        Settings(database=db, s3=None, kafka=kafka_settings),
+        consumer.ConsumerOptions(topic, group, batch_size=10, stop_at_end=True,
+                                 session_timeout_ms=6000),
+        consumer.Metrics(None), transform.Rules())
+    # the session the worker holds is cut off: it starts from Kafka's committed offsets
+    worker.db.conn = load.connect(db)
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_terminate_backend(%s)", (worker.db.conn.get_backend_pid(),))
+    conn.commit()
+    assign = worker._on_assign
+
+    def assign_then_pause(*args) -> None:
+        assign(*args)
+        time.sleep(1.5)  # both partitions fetched: the batches come from both
+
+    worker._on_assign = assign_then_pause
+    watchdog = threading.Timer(60, worker.request_stop)
+    watchdog.start()
+    try:
+        assert worker.run() == 0
+    finally:
+        watchdog.cancel()
+    assert not worker.stopping, "stopped by the watchdog, not at the end"
+    assert worker.accepted_gaps == {(0, 0)}
+    assert next_offsets(conn, topic) == {0: 20, 1: 20}
+    assert_exact(conn, topic, placed)
+
+
 def test_stop_at_end_reads_a_rewound_range_before_stopping(kafka_settings, topic, db, conn):
     """A batch that skipped ahead (here: the database was unreachable at assignment, so the
     group's Kafka offset, 10, was used while the database says 0) is refused and the partition
