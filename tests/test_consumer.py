@@ -933,15 +933,13 @@ def test_a_batch_that_skips_ahead_of_the_stored_offset_is_refused_then_reread(
     assert sum(table_counts(conn).values()) == 10
 
 
-def test_a_refused_batch_sends_the_batch_read_after_it_back_too(kafka_settings, db, conn):
-    """The consumer reads a batch while the one before is stored. When that one is refused for
-    skipping ahead (partition 0 starts at the group's Kafka offset 10, the database says 0),
-    the batch already read is dropped and its partitions are read again from where it began:
-    partition 1 is not skipped, so the gap is met once, on partition 0 only."""
+def worker_without_database_at_assignment(kafka_settings, topic: str, db, conn,
+                                          batch_size: int) -> consumer.KioskConsumer:
+    """A --stop-at-end consumer whose database session is cut off before its assignment, so
+    it starts from the group's Kafka offsets (partition 0: 10) while the database says 0;
+    after assignment it pauses (a slow log disk, a long GC), so the client fetches up to the
+    partitions' ends and the first batches come with them."""
     from confluent_kafka import Consumer, TopicPartition
-    topic = create_topic(kafka_settings, 2)
-    placed = produce(kafka_settings, topic, sample_data.generate_messages(40, seed=37),
-                     partitions=2)
     group = group_name()
     committer = Consumer({**kafka_settings.client_config(), "group.id": group,
                           "enable.auto.commit": False})
@@ -949,10 +947,9 @@ def test_a_refused_batch_sends_the_batch_read_after_it_back_too(kafka_settings, 
     committer.close()
     worker = consumer.KioskConsumer(
         Settings(database=db, s3=None, kafka=kafka_settings),
-        consumer.ConsumerOptions(topic, group, batch_size=10, stop_at_end=True,
+        consumer.ConsumerOptions(topic, group, batch_size=batch_size, stop_at_end=True,
                                  session_timeout_ms=6000),
         consumer.Metrics(None), transform.Rules())
-    # the session the worker holds is cut off: it starts from Kafka's committed offsets
     worker.db.conn = load.connect(db)
     with conn.cursor() as cur:
         cur.execute("SELECT pg_terminate_backend(%s)", (worker.db.conn.get_backend_pid(),))
@@ -961,15 +958,33 @@ def test_a_refused_batch_sends_the_batch_read_after_it_back_too(kafka_settings, 
 
     def assign_then_pause(*args) -> None:
         assign(*args)
-        time.sleep(1.5)  # both partitions fetched: the batches come from both
+        time.sleep(1.5)
 
     worker._on_assign = assign_then_pause
+    return worker
+
+
+def run_to_the_end(worker: consumer.KioskConsumer) -> int:
+    """worker.run(), stopped by a watchdog after 60 s (the test then fails on `stopping`)."""
     watchdog = threading.Timer(60, worker.request_stop)
     watchdog.start()
     try:
-        assert worker.run() == 0
+        return worker.run()
     finally:
         watchdog.cancel()
+
+
+def test_a_refused_batch_sends_the_batch_read_after_it_back_too(kafka_settings, db, conn):
+    """The consumer reads a batch while the one before is stored. When that one is refused for
+    skipping ahead (partition 0 starts at the group's Kafka offset 10, the database says 0),
+    the batch already read is dropped and its partitions are read again from where it began:
+    partition 1 is not skipped, so the gap is met once, on partition 0 only."""
+    topic = create_topic(kafka_settings, 2)
+    placed = produce(kafka_settings, topic, sample_data.generate_messages(40, seed=37),
+                     partitions=2)
+    worker = worker_without_database_at_assignment(kafka_settings, topic, db, conn,
+                                                   batch_size=10)
+    assert run_to_the_end(worker) == 0
     assert not worker.stopping, "stopped by the watchdog, not at the end"
     assert worker.accepted_gaps == {(0, 0)}
     assert next_offsets(conn, topic) == {0: 20, 1: 20}
@@ -981,38 +996,10 @@ def test_stop_at_end_reads_a_rewound_range_before_stopping(kafka_settings, topic
     group's Kafka offset, 10, was used while the database says 0) is refused and the partition
     rewound. The end of the partition seen with that batch no longer holds: --stop-at-end
     must read offsets 0-19 and only then stop (it stopped with nothing stored)."""
-    from confluent_kafka import Consumer, TopicPartition
     placed = produce(kafka_settings, topic, sample_data.generate_messages(20, seed=31))
-    group = group_name()
-    committer = Consumer({**kafka_settings.client_config(), "group.id": group,
-                          "enable.auto.commit": False})
-    committer.commit(offsets=[TopicPartition(topic, 0, 10)], asynchronous=False)
-    committer.close()
-    worker = consumer.KioskConsumer(
-        Settings(database=db, s3=None, kafka=kafka_settings),
-        consumer.ConsumerOptions(topic, group, batch_size=500, stop_at_end=True,
-                                 session_timeout_ms=6000),
-        consumer.Metrics(None), transform.Rules())
-    # the session the worker holds is cut off: reading positions at assignment fails
-    worker.db.conn = load.connect(db)
-    with conn.cursor() as cur:
-        cur.execute("SELECT pg_terminate_backend(%s)", (worker.db.conn.get_backend_pid(),))
-    conn.commit()
-    assign = worker._on_assign
-
-    def assign_then_pause(*args) -> None:
-        """A pause after assignment (a slow log disk, a long GC) lets the client fetch up to
-        the partition's end: the first batch brings offsets 10-19 and the end together."""
-        assign(*args)
-        time.sleep(1.5)
-
-    worker._on_assign = assign_then_pause
-    watchdog = threading.Timer(60, worker.request_stop)   # a run that never stops fails below
-    watchdog.start()
-    try:
-        assert worker.run() == 0
-    finally:
-        watchdog.cancel()
+    worker = worker_without_database_at_assignment(kafka_settings, topic, db, conn,
+                                                   batch_size=500)
+    assert run_to_the_end(worker) == 0
     assert worker.accepted_gaps == {(0, 0)}           # the gap was really met and rewound
     assert not worker.stopping, "stopped by the watchdog, not at the end"
     assert next_offsets(conn, topic) == {0: 20}
