@@ -133,7 +133,7 @@ class BatchResult:
     alerts_queued: int = 0            # rows this batch added to alert_outbox
     last_event_at: dict[int, float] = field(default_factory=dict)  # site -> newest event (Unix s)
     # what the batch's transaction read: the next batch is prepared against it
-    master: transform.MasterData | None = None
+    master: transform.MasterData | None = None  # None only in the running totals
     source_of: dict[int, int] = field(default_factory=dict)
     seconds: float = 0.0              # storing it, as the batch-duration metric counts it
 
@@ -164,20 +164,21 @@ class Batch:
     alerting: alerts.Alerting = alerts.NO_ALERTS
     partitions: np.ndarray = field(init=False)
     positions: np.ndarray = field(init=False)
-    ahead: Ahead | None = None  # prepare_batch's work
+    ahead: Validated | None = None  # prepare_batch's work
 
     def __post_init__(self) -> None:
         self.partitions, self.positions = _numbered(self.messages)
 
 
 @dataclass
-class Ahead:
-    """What prepare_batch did, and against which master data and sources."""
+class Validated:
+    """A batch's outcome and what follows from it, and against which master data and sources
+    it was validated (ahead by prepare_batch, or inside the transaction)."""
 
     master: transform.MasterData
     source_of: dict[int, int]
     outcome: transform.Outcome
-    copies: list[load.PreparedCopy]
+    copies: list[load.PreparedCopy]      # built ahead; [] when copied in the transaction
     calls: alerts.Emergencies
     last_event_at: dict[int, float]
 
@@ -188,14 +189,27 @@ def prepare_batch(topic: str, batch: Batch, master: transform.MasterData,
     done when a partition of the batch has no known source yet."""
     if not set(np.unique(batch.partitions).tolist()) <= source_of.keys():
         return
-    parsed = transform.parse_messages([m.value() for m in batch.messages], batch.partitions,
-                                      batch.positions)
-    outcome = transform.validate_parsed(parsed, master, batch.rules, batch.now)
-    calls = alerts.emergencies_of(outcome.requests, master.exhibition_names, batch.rules.zone,
-                                  batch.now or datetime.now(UTC), batch.alerting.max_age)
-    batch.ahead = Ahead(master, dict(source_of), outcome,
-                        load.prepare_outcome(outcome, f"kafka://{topic}", source_of), calls,
-                        newest_event_per_site(outcome, master))
+    outcome = _outcome(batch, np.arange(len(batch.messages)), master)
+    batch.ahead = Validated(master, dict(source_of), outcome,
+                            load.prepare_outcome(outcome, f"kafka://{topic}", source_of),
+                            _emergencies(batch, outcome, master),
+                            newest_event_per_site(outcome, master))
+
+
+def _outcome(batch: Batch, rows: np.ndarray, master: transform.MasterData
+             ) -> transform.Outcome:
+    """The rules applied to the batch's messages at `rows` (all of them, or the new ones)."""
+    messages = batch.messages if len(rows) == len(batch.messages) else [
+        batch.messages[i] for i in rows.tolist()]
+    parsed = transform.parse_messages([m.value() for m in messages], batch.partitions[rows],
+                                      batch.positions[rows])
+    return transform.validate_parsed(parsed, master, batch.rules, batch.now)
+
+
+def _emergencies(batch: Batch, outcome: transform.Outcome,
+                 master: transform.MasterData) -> alerts.Emergencies:
+    return alerts.emergencies_of(outcome.requests, master.exhibition_names, batch.rules.zone,
+                                 batch.now or datetime.now(UTC), batch.alerting.max_age)
 
 
 def store_batch(conn, topic: str, messages: list, rules: transform.Rules,
@@ -260,26 +274,20 @@ def store_batch_as(conn, topic: str, batch: Batch, known: KnownLog = KnownLog(),
 
 
 def _store_validated(cur, topic: str, batch: Batch, fresh: np.ndarray,
-                     master: transform.MasterData, source_of: dict[int, int]) -> Ahead:
+                     master: transform.MasterData, source_of: dict[int, int]) -> Validated:
     """Validate the batch's new messages inside the transaction and COPY them: the server
     stores the ratings while this thread builds the other COPYs' data and reads the batch's
     emergencies and newest events; the cursor is the copier's alone until finish()."""
-    messages = batch.messages
-    values = [m.value() for m in (messages if len(fresh) == len(messages)
-                                  else [messages[i] for i in fresh.tolist()])]
-    parsed = transform.parse_messages(values, batch.partitions[fresh], batch.positions[fresh])
-    outcome = transform.validate_parsed(parsed, master, batch.rules, batch.now)
+    outcome = _outcome(batch, fresh, master)
     copier = load.BackgroundCopy()
     try:
         for copy in load.prepared_outcome(outcome, f"kafka://{topic}", source_of):
             copier.submit(functools.partial(copy.run, cur))
-        calls = alerts.emergencies_of(outcome.requests, master.exhibition_names,
-                                      batch.rules.zone, batch.now or datetime.now(UTC),
-                                      batch.alerting.max_age)
+        calls = _emergencies(batch, outcome, master)
         last_event_at = newest_event_per_site(outcome, master)
     finally:
         copier.finish()
-    return Ahead(master, source_of, outcome, [], calls, last_event_at)
+    return Validated(master, source_of, outcome, [], calls, last_event_at)
 
 
 @dataclass
@@ -746,15 +754,15 @@ class KioskConsumer:
             raise FatalError(self.fatal)
         return EXIT_OK
 
-    def _rewind(self, gap: OffsetGap, unstored: list) -> None:
+    def _rewind(self, gap: OffsetGap, unstored: Batch | None) -> None:
         """Re-read from the database's offsets; a gap seen twice is gone from the broker.
         `unstored`, the batch read after the refused one, is dropped and read again too."""
         log.warning("batch skipped ahead of the stored offsets (%s): reading those partitions "
                     "again from there", gap)
         self.accepted_gaps.update(gap.gaps.items())
         rewind_to = dict(gap.rewind_to)
-        if unstored:
-            for partition, (first, _) in _spans(*_numbered(unstored)).items():
+        if unstored is not None:
+            for partition, (first, _) in _spans(unstored.partitions, unstored.positions).items():
                 rewind_to[partition] = min(first, rewind_to.get(partition, first))
         for partition, offset in rewind_to.items():
             # An end seen with the refused batch is behind us again: --stop-at-end waits for
@@ -793,13 +801,12 @@ class KioskConsumer:
             if self.in_flight is not None and self.in_flight.future is None:
                 self._settle()  # stored on this thread: nothing to overlap, and it tells
                 # this batch the master data and sources to be validated against
-            if batch is not None and self.last_read is not None \
-                    and self.last_read.master is not None:
+            if batch is not None and self.last_read is not None:
                 prepare_batch(self.topic, batch, self.last_read.master,
                               self.last_read.source_of)
             self._settle()
         except OffsetGap as exc:
-            self._rewind(exc, unstored=messages)
+            self._rewind(exc, unstored=batch)
             return True
         except BatchAbandoned as exc:
             log.warning("stopping with %d consumed messages not stored (the database is "
@@ -828,14 +835,13 @@ class KioskConsumer:
         flight, self.in_flight = self.in_flight, None
         result = self._store_with_retry(flight)
         self.last_read = result
-        seconds = result.seconds
         if result.next_offsets:
             self.consumer.commit(offsets=[TopicPartition(self.topic, p, o)
                                           for p, o in result.next_offsets.items()],
                                  asynchronous=True)
         self._add(result)
         self.stored_next.update(result.next_offsets)
-        self.metrics.observe(result, seconds)
+        self.metrics.observe(result, result.seconds)
         self._warn_new_logs(result.new_logs)
         for call in result.emergencies:
             log.warning("EMERGENCY call at %s (site %d) at %s", call["exhibition"], call["site"],
@@ -847,8 +853,8 @@ class KioskConsumer:
         log.info("batch: %d messages = %d ratings + %d requests + %d rejected%s (%.3f s)%s",
                  result.messages, result.ratings, result.requests,
                  sum(result.rejected.values()),
-                 f" + {result.duplicates} already stored" if result.duplicates else "", seconds,
-                 "" if not result.rejected else " " + ", ".join(
+                 f" + {result.duplicates} already stored" if result.duplicates else "",
+                 result.seconds, "" if not result.rejected else " " + ", ".join(
                      f"{k}={v}" for k, v in sorted(result.rejected.items())))
 
     def _update_lag(self, after_batch: bool, ask_broker: bool = False) -> None:
