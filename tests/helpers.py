@@ -3,6 +3,12 @@ from __future__ import annotations
 
 import signal
 
+from confluent_kafka import Producer
+from psycopg2 import sql
+from psycopg2.extensions import encrypt_password
+
+import load
+
 
 def scalar(conn, query: str, params=None):
     """One value from a query; the read transaction is ended so later writes are seen."""
@@ -53,3 +59,27 @@ def identity_values(conn) -> dict[str, int | None]:
     """Last value drawn from every identity column's sequence (None: never drawn): a run that
     finds nothing new must leave every one where it was (SPEC §3.1)."""
     return dict(rows(conn, IDENTITY_VALUES_SQL))
+
+
+def produce_to_partition_0(kafka, topic: str, payloads: list[bytes]) -> None:
+    """Send payloads to partition 0 and wait until the broker has acknowledged every one."""
+    failures: list = []
+    producer = Producer(kafka.client_config())
+    for payload in payloads:
+        producer.produce(topic, payload, partition=0,
+                         on_delivery=lambda err, msg: err and failures.append(err))
+    assert producer.flush(30) == 0 and not failures, failures
+
+
+def set_password(db, role: str, password: str) -> None:
+    """What psql's \\password does: hash on the client, send only the SCRAM verifier, so the
+    password itself is in no statement, log or process list."""
+    conn = load.connect(db)
+    conn.autocommit = True
+    try:
+        verifier = encrypt_password(password, role, conn, "scram-sha-256")
+        with conn.cursor() as cur:
+            cur.execute(sql.SQL("ALTER ROLE {} PASSWORD %s").format(sql.Identifier(role)),
+                        (verifier,))
+    finally:
+        conn.close()

@@ -31,9 +31,7 @@ from pathlib import Path
 import psycopg2
 import psycopg2.errors
 import pytest
-from confluent_kafka import Producer
 from psycopg2 import sql
-from psycopg2.extensions import encrypt_password
 
 import load
 import localstack
@@ -41,7 +39,15 @@ import pipeline
 import sample_data
 import transform
 from conftest import TEMPLATE_DB, admin_connection, create_topic
-from helpers import reason_counts, rows, run_consumer_in_process, scalar, table_counts
+from helpers import (
+    produce_to_partition_0,
+    reason_counts,
+    rows,
+    run_consumer_in_process,
+    scalar,
+    set_password,
+    table_counts,
+)
 
 PROJECT = Path(__file__).resolve().parent.parent
 DB_SECRET = "dbpass-Qx7S3cr3tDB"
@@ -66,29 +72,6 @@ def apply_roles(db) -> subprocess.CompletedProcess:
             "-U", db.user, "-d", db.name, "-f", str(PROJECT / "roles.sql")]
     return subprocess.run(argv, capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PGPASSWORD": db.password})
-
-
-def set_password(db, role: str, password: str) -> None:
-    """What psql's \\password does: hash on the client, send only the SCRAM verifier, so the
-    password itself is in no statement, log or process list."""
-    conn = load.connect(db)
-    conn.autocommit = True
-    try:
-        verifier = encrypt_password(password, role, conn, "scram-sha-256")
-        with conn.cursor() as cur:
-            cur.execute(sql.SQL("ALTER ROLE {} PASSWORD %s").format(sql.Identifier(role)),
-                        (verifier,))
-    finally:
-        conn.close()
-
-
-def produce(kafka, topic: str, payloads: list[bytes]) -> None:
-    failures: list = []
-    producer = Producer(kafka.client_config())
-    for payload in payloads:
-        producer.produce(topic, payload, partition=0,
-                         on_delivery=lambda err, msg: err and failures.append(err))
-    assert producer.flush(30) == 0 and not failures, failures
 
 
 # --------------------------------------------------------------------------- services
@@ -285,7 +268,7 @@ def results(module_db, scram_postgres, s3, s3_settings, kafka_settings, tmp_path
     bucket = f"sec-{uuid.uuid4().hex[:10]}"
     sample_data.seed_bucket(s3, bucket, objects=2, rows=300, seed=3)
     topic = create_topic(kafka_settings, 1)
-    produce(kafka_settings, topic, sample_data.generate_messages(6, seed=5))
+    produce_to_partition_0(kafka_settings, topic, sample_data.generate_messages(6, seed=5))
     scram_info, scram_db = scram_postgres
     base = {**os.environ, "DB_HOST": module_db.host, "DB_PORT": str(module_db.port),
             "DB_NAME": module_db.name, "DB_USER": module_db.user, "DB_PASS": module_db.password,
@@ -381,7 +364,7 @@ def test_sql_injection_in_kafka_messages_is_stored_verbatim_as_rejections(
                 json.dumps({"at": at, "site": 1, "val": 3, "type": "\\N"}).encode(),
                 json.dumps({"at": at, "site": 1, "val": 3, "type": "$$;DROP TABLE x;$$"}).encode(),
                 json.dumps({"at": at, "site": 1, "val": 3}).encode()]
-    produce(kafka_settings, topic, payloads)
+    produce_to_partition_0(kafka_settings, topic, payloads)
     assert run_consumer_in_process("--topic", topic, "--group", f"sec-{uuid.uuid4().hex[:8]}",
                                    "--stop-at-end") == 0
     stored = dict(rows(conn, "SELECT locator, payload FROM rejected_event"))
@@ -573,7 +556,7 @@ def test_the_loader_role_runs_the_whole_pipeline_and_the_consumer(
     out = capsys.readouterr().out
     assert "1 loaded, 1 skipped (unchanged)" in out
     payloads = sample_data.generate_messages(40, seed=23)
-    produce(kafka_settings, topic, payloads)
+    produce_to_partition_0(kafka_settings, topic, payloads)
     assert run_consumer_in_process("--topic", topic, "--group", f"sec-{uuid.uuid4().hex[:8]}",
                                    "--stop-at-end") == 0
     admin = load.connect(db)

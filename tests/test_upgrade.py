@@ -18,14 +18,12 @@ import uuid
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Producer
-from psycopg2.extensions import encrypt_password
 
 import load
 import localstack
 import pipeline
 import sample_data
-from helpers import rows, run_consumer_in_process, scalar
+from helpers import produce_to_partition_0, rows, run_consumer_in_process, scalar, set_password
 
 PROJECT = Path(__file__).resolve().parent.parent
 RELEASES = Path(__file__).resolve().parent / "releases"
@@ -117,22 +115,6 @@ def psql_file(db, path: Path) -> None:
     assert done.returncode == 0, f"{path}: {done.stderr}"
 
 
-def set_password(conn, role: str, password: str) -> None:
-    """As `\\password` does: only the SCRAM verifier reaches the server."""
-    verifier = encrypt_password(password, role, conn, "scram-sha-256")
-    with load.transaction(conn) as cur:
-        cur.execute(f"ALTER ROLE {role} PASSWORD %s", (verifier,))
-
-
-def produce(kafka, topic: str) -> None:
-    failures: list = []
-    producer = Producer(kafka.client_config())
-    for payload in MESSAGES:
-        producer.produce(topic, payload, partition=0,
-                         on_delivery=lambda err, msg: err and failures.append(err))
-    assert producer.flush(30) == 0 and not failures, failures
-
-
 def csv_object(lines: list[str]) -> bytes:
     return ("at,site,val,type\n" + "\n".join(lines) + "\n").encode()
 
@@ -201,16 +183,16 @@ def test_upgrade_keeps_every_row_reads_nothing_twice_and_keeps_the_museums_renam
     s3.put_object(Bucket=bucket, Key="lmnh_exhibition_adaptation.json",
                   Body=sample_data.exhibition_json(RENAMED))
     s3.put_object(Bucket=bucket, Key=LOADED_KEY, Body=csv_object(LOADED_LINES))
-    produce(kafka_settings, topic)
+    produce_to_partition_0(kafka_settings, topic, MESSAGES)
     build_release(release, old_database, s3, bucket, topic)
     before = snapshot(old_database, KEPT)
 
     # the upgrade step (docs/operations.md, "Upgrades"), as the master user
     psql_file(old_database, PROJECT / "schema.sql")
     psql_file(old_database, PROJECT / "roles.sql")
+    set_password(old_database, "lmnh_loader", LOADER_SECRET)
     admin = load.connect(old_database)
     try:
-        set_password(admin, "lmnh_loader", LOADER_SECRET)
         assert scalar(admin, "SELECT exhibition_name FROM exhibition WHERE public_id = 'EXH_01'"
                       ) == RENAMED["EXHIBITION_NAME"]
     finally:
