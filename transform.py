@@ -13,7 +13,7 @@ import json
 import operator
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
@@ -158,27 +158,26 @@ def parse_csv_lines(lines: Sequence[str], first_line_no: int) -> ParsedEvents:
 
 
 def _split_csv_lines(lines: list[str], first_line_no: int) -> ParsedEvents:
-    """`parse_csv_lines` of ordinary lines. Well-formed lines (nearly all) are split in one pass
-    over the joined text rather than line by line."""
+    """`parse_csv_lines` of ordinary lines. Lines in the kiosk form (nearly all) are split
+    from the chunk's bytes with no Python string per field (`_kiosk_rows`); the rest of the
+    well-formed lines in one pass over their joined text rather than line by line."""
     text = "\n".join(lines)
     if "\r" in text:
         lines = [line.removesuffix("\r") for line in lines]
         text = "\n".join(lines)
     n = len(lines)
-    commas = np.fromiter(map(_COUNT_COMMAS, lines), dtype=np.int64, count=n)
-    simple = commas == 3
-    if '"' in text:
-        simple &= np.fromiter(('"' not in line for line in lines), dtype=bool, count=n)
-    simple_idx = np.flatnonzero(simple)
-    if len(simple_idx) == n:
-        flat = text.replace("\n", ",").split(",") if n else []
-        kept = lines
+    kiosk = _kiosk_rows(lines, text) if n >= _KIOSK_MIN_LINES and text.isascii() else None
+    if kiosk is None:
+        simple, columns = _simple_rows(lines, text, np.ones(n, dtype=bool))
     else:
-        kept = [lines[i] for i in simple_idx]
-        flat = ",".join(kept).split(",") if kept else []
+        rest = np.ones(n, dtype=bool)
+        rest[kiosk.rows] = False
+        simple, others = _simple_rows(lines, text, rest)
+        simple[kiosk.rows] = True
+        columns = kiosk.merged(simple, others)
+    simple_idx = np.flatnonzero(simple)
     positions = [simple_idx + first_line_no]
-    columns = [flat[0::4], flat[1::4], flat[2::4], flat[3::4]]
-    payloads = [kept]
+    payloads = [lines if len(simple_idx) == n else [lines[i] for i in simple_idx.tolist()]]
     bad_positions, bad_raws, bad_details = [], [], []
     quoted_positions, quoted_lines = [], []
     for i in np.flatnonzero(~simple):
@@ -205,15 +204,229 @@ def _split_csv_lines(lines: list[str], first_line_no: int) -> ParsedEvents:
     payloads.append(quoted_lines)
     events = pd.DataFrame({"position": np.concatenate(positions).astype("int64"),
                            "payload": _raw(payloads[0], payloads[1]),
-                           "at": _raw(columns[0]), "site": _raw(columns[1]),
-                           "val": _raw(columns[2]), "type": _raw(columns[3])})
+                           "at": _series(columns[0]), "site": _series(columns[1]),
+                           "val": _series(columns[2]), "type": _series(columns[3])})
     rejections = pd.DataFrame({"position": np.array(bad_positions, dtype="int64"),
                                "locator": [str(p) for p in bad_positions], "payload": bad_raws,
                                "reason": "malformed_row", "detail": bad_details})
     return ParsedEvents(events, rejections if len(rejections) else empty_rejections())
 
 
+def _simple_rows(lines: list[str], text: str, among: np.ndarray
+                 ) -> tuple[np.ndarray, list[list[str]]]:
+    """Which of the lines `among` are four fields with no quote, and those fields, split in
+    one pass over their joined text."""
+    n = len(lines)
+    simple = np.zeros(n, dtype=bool)
+    if among.all():
+        simple[:] = np.fromiter(map(_COUNT_COMMAS, lines), dtype=np.int64, count=n) == 3
+        if '"' in text:
+            simple &= np.fromiter(('"' not in line for line in lines), dtype=bool, count=n)
+        everything = simple.all()
+        kept = lines if everything else [lines[i] for i in np.flatnonzero(simple).tolist()]
+        flat = (text.replace("\n", ",") if everything else ",".join(kept)).split(",") if kept else []
+    else:
+        kept = []
+        for i in np.flatnonzero(among).tolist():
+            line = lines[i]
+            if line.count(",") == 3 and '"' not in line:
+                simple[i] = True
+                kept.append(line)
+        flat = ",".join(kept).split(",") if kept else []
+    return simple, [flat[0::4], flat[1::4], flat[2::4], flat[3::4]]
+
+
 _COUNT_COMMAS = operator.methodcaller("count", ",")
+
+
+# The kiosk form: `YYYY-MM-DD HH:MM:SS,` then at most 8 bytes of `site,val,type`, which covers
+# every valid row (`5,-1,1.0` is the longest). A row in it is read from the chunk's bytes as
+# 64-bit words: the timestamp's digits packed into an integer key, the tail as one word; each
+# is factorized, so a distinct text is made once (timestamps: once per process, see
+# `_KioskTimes`), not once per row. Every other line takes the text path above.
+_KIOSK_MIN_LINES = 256        # fewer lines: the text path is as quick
+_KIOSK_AT_BYTES = 19
+_KIOSK_TAIL_BYTES = 8
+_KIOSK_ROW_BYTES = 32         # read per line: 4 words, the last 4 bytes unused
+_KIOSK_TEMPLATE = "dddd-dd-dd dd:dd:dd,"
+
+
+def _word_masks(template: str, word: int) -> tuple[int, int, int]:
+    """(digit bytes, fixed bytes, their values) of the template's 8 bytes from 8 * word."""
+    digits = fixed = value = 0
+    for i, c in enumerate(template[8 * word:8 * word + 8]):
+        if c == "d":
+            digits |= 0xFF << 8 * i
+        else:
+            fixed |= 0xFF << 8 * i
+            value |= ord(c) << 8 * i
+    return digits, fixed, value
+
+
+_KIOSK_WORDS = [tuple(np.uint64(m) for m in _word_masks(_KIOSK_TEMPLATE, w)) for w in range(3)]
+_NIBBLES = np.uint64(0x0F0F0F0F0F0F0F0F)
+_HIGH_NIBBLES = np.uint64(0xF0F0F0F0F0F0F0F0)
+_ZEROS = np.uint64(0x3030303030303030)
+_SIXES = np.uint64(0x0606060606060606)
+_ONES = np.uint64(0x0101010101010101)
+_EIGHTIES = np.uint64(0x8080808080808080)
+_TAIL_MASK = np.array([(1 << 8 * k) - 1 for k in range(_KIOSK_TAIL_BYTES)] + [2**64 - 1],
+                      dtype=np.uint64)  # the first k bytes of a word
+
+
+def _digits_and_marks(words: np.ndarray, w: int) -> np.ndarray:
+    """Whether each word has ASCII digits and the template's marks where the template says."""
+    digits, fixed, value = _KIOSK_WORDS[w]
+    d = words & digits
+    return (((words & fixed) == value) & ((d & _HIGH_NIBBLES) == (_ZEROS & digits))
+            & (((d + (_SIXES & digits)) & _HIGH_NIBBLES) == (_ZEROS & digits)))
+
+
+@dataclass
+class _Coded:
+    """A column as codes into its distinct texts (a pandas Categorical in the making)."""
+
+    codes: np.ndarray
+    texts: list[str]
+    extra: list[str] = field(default_factory=list)  # values appended after the coded rows
+
+    def append(self, value: str) -> None:
+        self.extra.append(value)
+
+    def series(self) -> pd.Series:
+        codes, texts = self.codes, self.texts
+        if self.extra:
+            more, texts = _coded_with(texts, self.extra)
+            codes = np.concatenate([codes, np.array(more, dtype=codes.dtype)])
+        return pd.Series(pd.Categorical.from_codes(
+            codes, dtype=pd.CategoricalDtype(pd.Index(texts, dtype=object))), copy=False)
+
+
+def _coded_with(texts: Sequence[str], values: list[str]) -> tuple[list[int], list[str]]:
+    """The codes of `values` among `texts`, and the texts with the new values appended."""
+    known = {text: code for code, text in enumerate(texts)}
+    return [known.setdefault(value, len(known)) for value in values], list(known)
+
+
+def _series(column: list | _Coded) -> pd.Series:
+    return column.series() if isinstance(column, _Coded) else _raw(column)
+
+
+@dataclass
+class _KioskRows:
+    """The lines of a chunk in the kiosk form: their indices and their four fields as codes."""
+
+    rows: np.ndarray
+    columns: list[tuple[np.ndarray, list[str]]]
+
+    def merged(self, simple: np.ndarray, others: list[list[str]]) -> list[_Coded]:
+        """The coded columns of every simple row in line order: these rows and `others`, the
+        fields of the remaining simple rows."""
+        simple_idx = np.flatnonzero(simple)
+        mine = np.searchsorted(simple_idx, self.rows)
+        theirs = np.ones(len(simple_idx), dtype=bool)
+        theirs[mine] = False
+        theirs = np.flatnonzero(theirs)
+        merged = []
+        for (codes, texts), values in zip(self.columns, others):
+            if not values:
+                merged.append(_Coded(codes, texts))
+                continue
+            out = np.empty(len(simple_idx), dtype=np.int32)
+            out[mine] = codes
+            out[theirs], texts = _coded_with(texts, values)
+            merged.append(_Coded(out, texts))
+        return merged
+
+
+def _kiosk_rows(lines: list[str], text: str) -> _KioskRows | None:
+    """The lines of `text` (ASCII, `lines` joined by LF) that are in the kiosk form."""
+    data = text.encode("ascii")
+    n = len(lines)
+    buf = np.frombuffer(data + bytes(_KIOSK_ROW_BYTES), dtype=np.uint8)
+    breaks = np.flatnonzero(buf[:len(data)] == 10)
+    if len(breaks) != n - 1:
+        return None  # a line holds a LF: not lines as extract hands them over
+    starts = np.concatenate([[0], breaks + 1])
+    lengths = np.concatenate([breaks, [len(data)]]) - starts
+    rows = np.flatnonzero((lengths > _KIOSK_AT_BYTES)
+                          & (lengths <= _KIOSK_AT_BYTES + 1 + _KIOSK_TAIL_BYTES))
+    if not len(rows):
+        return None
+    # every line's first 32 bytes as a row of 4 words: a strided view of the buffer, rows taken
+    words = np.lib.stride_tricks.as_strided(buf, (len(data), _KIOSK_ROW_BYTES), (1, 1),
+                                            writeable=False)[starts[rows]].view("<u8")
+    w0, w1, w2, w3 = words[:, 0], words[:, 1], words[:, 2], words[:, 3]
+    tail = ((w2 >> np.uint64(32)) | (w3 << np.uint64(32))) & _TAIL_MASK[lengths[rows] - 20]
+    padded = tail | ~_TAIL_MASK[lengths[rows] - 20]  # a NUL in the tail would read as padding
+    form = (_digits_and_marks(w0, 0) & _digits_and_marks(w1, 1)
+            & _digits_and_marks(w2 & np.uint64(0xFFFFFFFF), 2)
+            & (((padded - _ONES) & ~padded & _EIGHTIES) == 0))
+    rows, tail = rows[form], tail[form]
+    tail_codes, tail_keys = pd.factorize(tail)
+    tails = [b.decode("ascii") for b in tail_keys.view("S8").tolist()]
+    parts = [t.split(",") for t in tails]
+    good = [len(p) == 3 and '"' not in t for p, t in zip(parts, tails)]
+    if not all(good):
+        keep = np.array(good, dtype=bool)[tail_codes]
+        rows, tail_codes, form = rows[keep], tail_codes[keep], np.flatnonzero(form)[keep]
+    if not len(rows):
+        return None
+    # the digits' low nibbles: year and month, under day, hour and minute, seconds in the
+    # nibbles the marks leave free: one integer per timestamp text
+    w0, w1 = w0[form] & _KIOSK_WORDS[0][0] & _NIBBLES, w1[form] & _KIOSK_WORDS[1][0] & _NIBBLES
+    w2 = w2[form]
+    key = (w0 | (w1 << np.uint64(4)) | ((w2 >> np.uint64(8)) & np.uint64(0xF)) << np.uint64(32)
+           | ((w2 >> np.uint64(16)) & np.uint64(0xF)) << np.uint64(56))
+    at_codes, at_keys = pd.factorize(key)
+    ats = _KIOSK_TIMES.texts(at_keys, lambda new: [
+        text[s:s + _KIOSK_AT_BYTES]
+        for s in starts[rows[_representatives(at_codes, len(at_keys))[new]]].tolist()])
+    columns = [(at_codes.astype(np.int32), ats)]
+    for k in range(3):  # site, val, type: each distinct tail's field, coded
+        known: dict[str, int] = {}
+        of_tail = np.array([known.setdefault(p[k], len(known)) if ok else -1
+                            for p, ok in zip(parts, good)], dtype=np.int32)
+        columns.append((of_tail[tail_codes], list(known)))
+    return _KioskRows(rows, columns)
+
+
+class _KioskTimes:
+    """Timestamp texts by their integer key, kept across chunks and objects: an object's
+    chunks repeat most of a day's seconds, so most texts are made once per process. Used by
+    the CSV path only, which runs on one thread (pipeline.py's, replay.py's)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.clear()
+
+    def clear(self) -> None:
+        self.keys = pd.Index([], dtype=np.uint64)
+        self.values = np.empty(0, dtype=object)
+
+    def texts(self, keys: np.ndarray, make: Callable[[np.ndarray], list[str]]) -> np.ndarray:
+        """The texts of `keys`; `make(indices)` makes those of keys[indices] never seen."""
+        if len(self.keys) > self.size:
+            self.clear()
+        found = self.keys.get_indexer(keys) if len(self.keys) else np.full(len(keys), -1)
+        new = np.flatnonzero(found < 0)
+        if len(new):
+            found[new] = np.arange(len(self.keys), len(self.keys) + len(new))
+            made = np.empty(len(new), dtype=object)
+            made[:] = make(new)
+            self.keys = self.keys.append(pd.Index(keys[new], dtype=np.uint64))
+            self.values = np.concatenate([self.values, made])
+        return self.values[found]
+
+
+_KIOSK_TIMES = _KioskTimes(200_000)
+
+
+def _representatives(codes: np.ndarray, count: int) -> np.ndarray:
+    """For each code, the index of one row that has it (any: they are all the same text)."""
+    rep = np.empty(count, dtype=np.int64)
+    rep[codes] = np.arange(len(codes))
+    return rep
 
 
 def _overlong_row(line: OverlongLine, line_no: int) -> ParsedEvents:
@@ -338,10 +551,20 @@ def _integer(value: Any) -> tuple[bool, float]:
     return False, float(number)
 
 
+def _factorized(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, distinct values as objects) of a raw column; code -1 is None/NaN. A column the
+    CSV parser already coded (a Categorical) is not hashed again."""
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        return (column.cat.codes.to_numpy(),
+                np.asarray(column.cat.categories.to_numpy(), dtype=object))
+    codes, uniques = pd.factorize(column, use_na_sentinel=True)
+    return codes, np.asarray(uniques, dtype=object)
+
+
 def _integers(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     """Vectorised `_integer`: parse each distinct raw value once (kiosk columns have a handful)."""
-    codes, uniques = pd.factorize(column, use_na_sentinel=True)
-    parsed = [_integer(v) for v in np.asarray(uniques, dtype=object)]
+    codes, uniques = _factorized(column)
+    parsed = [_integer(v) for v in uniques]
     missing_u = np.array([m for m, _ in parsed] + [True], dtype=bool)
     value_u = np.array([v for _, v in parsed] + [np.nan], dtype="float64")
     # code -1 (None/NaN) indexes the appended "missing" entry
@@ -481,7 +704,11 @@ def _timestamps(column: pd.Series, zone: str) -> tuple[np.ndarray, np.ndarray, n
     cache = _AT_CACHE.get(zone)
     if cache is None or len(cache.rows) > _AT_CACHE_SIZE:
         cache = _AT_CACHE[zone] = _ParsedAt(ZoneInfo(zone))
-    rows = cache.parse(column.to_numpy(dtype=object))
+    if isinstance(column.dtype, pd.CategoricalDtype):  # each distinct text parsed once
+        codes, texts = _factorized(column)
+        rows = cache.parse(texts)[codes]
+    else:
+        rows = cache.parse(column.to_numpy(dtype=object))
     return rows[:, 0], rows[:, 1], rows[:, 2]
 
 

@@ -271,6 +271,34 @@ def test_any_string_in_any_csv_field_gives_exactly_one_outcome_per_line(lines):
     assert set(result.values()) <= VALID_KINDS | CSV_REASONS
 
 
+# Lines near the kiosk form: a valid timestamp with at most one character changed, then fields
+# from a small pool (so that lines in one example share and nearly share tails), one to four;
+# ASCII only, as a chunk with any other character is read as text (test_transform.py).
+near_kiosk_at = st.tuples(st.integers(0, 19), st.sampled_from("0123456789-: ,T\x00\"")).map(
+    lambda t: ("2024-07-01 10:00:00"[:t[0]] + t[1] + "2024-07-01 10:00:00"[t[0] + 1:])[:19])
+near_kiosk_field = st.sampled_from(["", "1", "4", "-1", "10", "1.0", "0.0", "\x00", '"4"', '"',
+                                    " ", "\r", "ERR"])
+near_kiosk_line = st.tuples(near_kiosk_at, st.lists(near_kiosk_field, min_size=1, max_size=4)
+                            ).map(lambda t: t[0] + "," + ",".join(t[1]))
+
+
+@PROPERTY
+@example(lines=["2024-07-01 10:00:00,1,4,\x00"], seed=0)  # a NUL where the padding would be
+@given(st.lists(near_kiosk_line, min_size=1, max_size=40), st.integers(0, 2**32))
+def test_lines_near_the_kiosk_form_are_read_from_bytes_as_the_text_path_reads_them(lines, seed):
+    """The byte path (chunks of at least _KIOSK_MIN_LINES lines) against the text path."""
+    pad = ["2024-07-01 10:00:00,1,4,"] * transform._KIOSK_MIN_LINES
+    lines = pad[:seed % len(pad)] + lines + pad
+    fast = transform.parse_csv_lines(lines, 2)
+    saved, transform._KIOSK_MIN_LINES = transform._KIOSK_MIN_LINES, 10**9
+    try:
+        text = transform.parse_csv_lines(lines, 2)
+    finally:
+        transform._KIOSK_MIN_LINES = saved
+    pd.testing.assert_frame_equal(fast.events.astype(object), text.events.astype(object))
+    pd.testing.assert_frame_equal(fast.rejections, text.rejections)
+    assert outcomes(fast) == outcomes(text)
+
 @PROPERTY
 @given(st.lists(st.lists(st.text(max_size=20).filter(lambda s: not set(s) & set(',"\r\n')),
                          min_size=4, max_size=4), min_size=1, max_size=15))

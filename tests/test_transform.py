@@ -645,6 +645,74 @@ def test_csv_rejection_payload_never_contains_nul():
     assert outcome.rejections["payload"].tolist() == [f"{AT},1,\\x00,"]
 
 
+
+# Lines the byte-level reader must tell apart from the kiosk form, or read exactly as the text
+# path does: every mark and digit position spoiled once, tails around the 8-byte limit, NUL
+# (which would read as the word's padding), quotes, CR, spaces, too few and too many fields.
+_NEAR_KIOSK_LINES = [
+    f"{AT},1,4,", f"{AT},5,-1,1.0", f"{AT},10,-1,1.0", f"{AT},5,-1,1.00", f"{AT},1,4,\x00",
+    f"{AT},\x00,4,", f"{AT},1,4", f"{AT},1,4,,", f"{AT},", f"{AT},,,", f"{AT},1,\"4\",",
+    f"{AT},1,4,\r", f"{AT} ,1,4,", f" {AT},1,4,", f"{AT},1,4, ", "2024-07-01T10:00:00,1,4,",
+    "2024-13-01 10:00:00,1,4,", "2024-02-30 10:00:00,1,4,", "2024-07-01 24:00:00,1,4,",
+    "2024-07-01 10:00:60,1,4,", "2024-07-01 10:00:0,1,4,", "2024-07-01 10:00:000,1,4,",
+    "", " ", "at,site,val,type", "1,2,3,4",
+] + [AT[:i] + c + AT[i + 1:] + ",1,4," for i in range(19) for c in "0/:9-, T"]
+
+
+def _read_as_text(lines: list[str], first_line_no: int, monkeypatch) -> transform.ParsedEvents:
+    with monkeypatch.context() as m:
+        m.setattr(transform, "_KIOSK_MIN_LINES", 10**9)
+        return transform.parse_csv_lines(lines, first_line_no)
+
+
+def _same_parse(fast: transform.ParsedEvents, text: transform.ParsedEvents) -> None:
+    pd.testing.assert_frame_equal(fast.events.astype(object), text.events.astype(object))
+    pd.testing.assert_frame_equal(fast.rejections, text.rejections)
+    outcome_fast = transform.validate_parsed(fast, MASTER, RULES, NOW)
+    outcome_text = transform.validate_parsed(text, MASTER, RULES, NOW)
+    for name in ("ratings", "requests", "rejections"):
+        pd.testing.assert_frame_equal(getattr(outcome_fast, name), getattr(outcome_text, name))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kiosk_lines_are_read_from_bytes_exactly_as_the_text_path_reads_them(seed, monkeypatch):
+    """A chunk's lines in the kiosk form are read from its bytes, with no string per field;
+    every event, field, rejection and outcome must be the text path's, in the same order."""
+    rng = random.Random(seed)
+    lines = sample_data.generate_kiosk_csv(5000, seed).decode().split("\n")[1:]
+    for line in _NEAR_KIOSK_LINES:
+        lines.insert(rng.randrange(len(lines)), line)
+    fast = transform.parse_csv_lines(lines, 2)
+    text = _read_as_text(lines, 2, monkeypatch)
+    assert isinstance(fast.events["at"].dtype, pd.CategoricalDtype)  # the byte path was taken
+    assert not isinstance(text.events["at"].dtype, pd.CategoricalDtype)
+    _same_parse(fast, text)
+
+
+def test_every_timestamp_text_keeps_its_own_key():
+    """The byte path keys a timestamp by its 14 digits packed into one integer; two texts
+    that share a key would share a category, and one event would get the other's time."""
+    rng = random.Random(3)
+    digits = "0123456789"
+    ats = ["".join(rng.choice(digits) if c == "d" else c for c in "dddd-dd-dd dd:dd:dd")
+           for _ in range(20_000)]
+    ats += [at[:i] + d + at[i + 1:] for at in ats[:200] for i in range(19) if at[i] in digits
+            for d in digits]  # neighbours differing in one digit
+    parsed = transform.parse_csv_lines([f"{at},1,4," for at in ats], 2)
+    assert isinstance(parsed.events["at"].dtype, pd.CategoricalDtype)
+    assert parsed.events["at"].astype(object).tolist() == ats
+    assert len(parsed.events["at"].cat.categories) == len(set(ats))
+
+
+def test_a_chunk_that_is_not_ascii_is_read_as_text():
+    """Byte offsets are character offsets only in ASCII: a chunk with any other character
+    takes the text path, and its events are the same."""
+    lines = [f"{AT},1,4,"] * 300 + [f"{AT},1,é,"]
+    parsed, outcome = validate_csv(lines)
+    assert not isinstance(parsed.events["at"].dtype, pd.CategoricalDtype)
+    assert len(outcome.ratings) == 300
+    assert outcome.rejections["payload"].tolist() == [f"{AT},1,é,"]
+
 def test_empty_inputs_give_empty_outcomes():
     parsed, outcome = validate_csv([])
     assert outcome.count == 0 and len(parsed.rejections) == 0
