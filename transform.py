@@ -361,7 +361,7 @@ def _kiosk_rows(lines: list[str], text: str) -> _KioskRows | None:
     padded = tail | ~_TAIL_MASK[lengths[rows] - 20]  # a NUL in the tail would read as padding
     form = (_digits_and_marks(w0, 0) & _digits_and_marks(w1, 1)
             & _digits_and_marks(w2 & np.uint64(0xFFFFFFFF), 2)
-            & (((padded - _ONES) & ~padded & _EIGHTIES) == 0))
+            & ~_has_byte_below(padded, 1))
     rows, tail = rows[form], tail[form]
     tail_codes, tail_keys = pd.factorize(tail)
     tails = [b.decode("ascii") for b in tail_keys.view("S8").tolist()]
@@ -478,11 +478,51 @@ def parse_messages(payloads: Sequence[bytes | None], partitions: Sequence[int],
                    offsets: Sequence[int]) -> ParsedEvents:
     """Kafka payloads to fields: rules 0 (UTF-8 JSON) and 0b (an object) are decided here.
 
-    The events keep their `partition`; an event's position is its offset.
+    The events keep their `partition`; an event's position is its offset. Payloads in the
+    live feed's own layout (nearly all) are read from their bytes (`_feed_layout`); the rest
+    one at a time.
     """
+    n = len(payloads)
+    feed = _feed_layout(payloads) if n >= _FEED_MIN_MESSAGES else None
+    if feed is None:
+        rest: Iterable[int] = range(n)
+    else:
+        rest = np.ones(n, dtype=bool)
+        rest[feed.rows] = False
+        rest = np.flatnonzero(rest).tolist()
+    keep, columns, bad = _parse_each(payloads, rest)
+    index = np.array(keep, dtype="int64")
+    if feed is not None:  # both kinds of rows, in message order
+        index = np.concatenate([feed.rows, index])
+        order = np.argsort(index, kind="stable")
+        index = index[order]
+        columns = [np.concatenate([mine, theirs])[order]
+                   for mine, theirs in zip(feed.columns, columns)]
+    offsets = np.asarray(offsets, dtype="int64")
+    partitions = np.asarray(partitions, dtype="int64")
+    payloads_array = _objects(payloads)
+    events = pd.DataFrame({"position": offsets[index], "partition": partitions[index],
+                           "payload": pd.Series(payloads_array[index], dtype=object),
+                           "at": _column(columns[0]), "site": _column(columns[1]),
+                           "val": _column(columns[2]), "type": _column(columns[3])})
+    rejections = pd.DataFrame({
+        "position": np.array([offsets[i] for i, _, _ in bad], dtype="int64"),
+        "partition": np.array([partitions[i] for i, _, _ in bad], dtype="int64"),
+        "locator": [f"{partitions[i]}:{offsets[i]}" for i, _, _ in bad],
+        "payload": [payload_text(payloads[i]) for i, _, _ in bad],
+        "reason": [reason for _, reason, _ in bad],
+        "detail": [detail for _, _, detail in bad]})
+    return ParsedEvents(events, rejections)
+
+
+def _parse_each(payloads: Sequence[bytes | None], rows: Iterable[int]
+                ) -> tuple[list[int], list[np.ndarray], list[tuple[int, str, str]]]:
+    """The payloads at `rows` parsed one at a time: the rows that are JSON objects with their
+    at, site, val and type; the others as (row, reason, detail)."""
     keep, ats, sites, vals, types, bad = [], [], [], [], [], []
     loads, plain, dumps = orjson.loads, _PLAIN, json.dumps
-    for i, payload in enumerate(payloads):
+    for i in rows:
+        payload = payloads[i]
         try:
             message = loads(payload)
         except (orjson.JSONDecodeError, TypeError):
@@ -505,22 +545,114 @@ def parse_messages(payloads: Sequence[bytes | None], partitions: Sequence[int],
         vals.append(value if value.__class__ in plain else dumps(value))
         value = get("type")
         types.append(value if value.__class__ in plain else dumps(value))
-    offsets = np.asarray(offsets, dtype="int64")
-    partitions = np.asarray(partitions, dtype="int64")
-    payloads_array = _objects(payloads)
-    index = np.array(keep, dtype="int64")
-    events = pd.DataFrame({"position": offsets[index], "partition": partitions[index],
-                           "payload": pd.Series(payloads_array[index], dtype=object),
-                           "at": _raw(ats), "site": _raw(sites), "val": _raw(vals),
-                           "type": _raw(types)})
-    rejections = pd.DataFrame({
-        "position": np.array([offsets[i] for i, _, _ in bad], dtype="int64"),
-        "partition": np.array([partitions[i] for i, _, _ in bad], dtype="int64"),
-        "locator": [f"{partitions[i]}:{offsets[i]}" for i, _, _ in bad],
-        "payload": [payload_text(payloads[i]) for i, _, _ in bad],
-        "reason": [reason for _, reason, _ in bad],
-        "detail": [detail for _, _, detail in bad]})
-    return ParsedEvents(events, rejections)
+    return keep, [_objects(ats), _objects(sites), _objects(vals), _objects(types)], bad
+
+
+def _column(values: np.ndarray) -> pd.Series:
+    return pd.Series(values, dtype=object, copy=False)
+
+
+# The live feed's own layout, `json.dumps` of the kiosk's record: `{"at": "`, the timestamp as
+# 32 plain ASCII characters (no quote, no backslash: a literal JSON string), then a tail of at
+# most 40 bytes (`", "site": "5", "val": -1, "type": 1}` is 37). A payload in it is read from
+# the batch's bytes: the tails are factorized as 64-bit words and each distinct tail is parsed
+# once by orjson, behind a probe timestamp that must come back as `at` (a tail that set `at`
+# again to 32 characters would need at least 44 bytes). Every other payload is parsed alone.
+_FEED_MIN_MESSAGES = 256      # fewer messages: one at a time is as quick
+_FEED_PREFIX = b'{"at": "'
+_FEED_AT_BYTES = 32
+_FEED_HEAD_BYTES = len(_FEED_PREFIX) + _FEED_AT_BYTES
+_FEED_TAIL_WORDS = 5
+_FEED_ROW_BYTES = _FEED_HEAD_BYTES + 8 * _FEED_TAIL_WORDS
+_FEED_PREFIX_WORD = np.frombuffer(_FEED_PREFIX, dtype="<u8")[0]
+_FEED_PROBE = b"0" * _FEED_AT_BYTES
+
+
+_QUOTES = np.uint64(0x2222222222222222)
+_BACKSLASHES = np.uint64(0x5C5C5C5C5C5C5C5C)
+
+
+def _has_byte_below(words: np.ndarray, limit: int) -> np.ndarray:
+    """Whether any byte of each word is below `limit`: exact for any bytes when `limit` is 1
+    (the standard test for a zero byte), else when every byte is below 0x80."""
+    return ((words - _ONES * np.uint64(limit)) & ~words & _EIGHTIES) != 0
+
+
+@dataclass
+class _FeedRows:
+    """The payloads of a batch in the feed's layout: their indices and their four fields."""
+
+    rows: np.ndarray
+    columns: list[np.ndarray]  # at, site, val, type as object arrays
+
+
+def _feed_layout(payloads: Sequence[bytes | None]) -> _FeedRows | None:
+    """The payloads in the live feed's own layout, and their fields as orjson reads them."""
+    try:
+        data = b"".join(payloads)
+    except TypeError:
+        return None  # a payload that is not bytes (None: a tombstone)
+    n = len(payloads)
+    lengths = np.fromiter(map(len, payloads), dtype=np.int64, count=n)
+    starts = np.zeros(n, dtype=np.int64)
+    np.cumsum(lengths[:-1], out=starts[1:])
+    rows = np.flatnonzero((lengths > _FEED_HEAD_BYTES) & (lengths <= _FEED_ROW_BYTES))
+    if not len(rows):
+        return None
+    buf = np.frombuffer(data + bytes(_FEED_ROW_BYTES), dtype=np.uint8)
+    raw = np.lib.stride_tricks.as_strided(buf, (len(data), _FEED_ROW_BYTES), (1, 1),
+                                          writeable=False)[starts[rows]]
+    at = raw[:, len(_FEED_PREFIX):_FEED_HEAD_BYTES]
+    form = raw[:, :8].view("<u8")[:, 0] == _FEED_PREFIX_WORD
+    for word in at.view("<u8").T:  # no control character, quote or backslash; ASCII only
+        form &= ((word & _EIGHTIES) == 0) & ~_has_byte_below(word, 0x20)
+        form &= ~_has_byte_below(word ^ _QUOTES, 1) & ~_has_byte_below(word ^ _BACKSLASHES, 1)
+    # the tail's words, the bytes past its end zeroed; a NUL in it would read as that padding
+    tail_bytes = lengths[rows] - _FEED_HEAD_BYTES
+    words = raw[:, _FEED_HEAD_BYTES:].view("<u8")
+    codes = np.zeros(len(rows), dtype=np.int64)
+    for w in range(_FEED_TAIL_WORDS):
+        kept = np.clip(tail_bytes - 8 * w, 0, 8)
+        word = words[:, w] & _TAIL_MASK[kept]
+        padded = word | ~_TAIL_MASK[kept]
+        form &= ~_has_byte_below(padded, 1) | (kept == 0)
+        word_codes, distinct = pd.factorize(word)
+        codes, _ = pd.factorize(codes * len(distinct) + word_codes)
+    rows, codes, at = rows[form], codes[form], at[form]
+    if not len(rows):
+        return None
+    codes, distinct = pd.factorize(codes)
+    fields = [_feed_tail_fields(payloads[i][_FEED_HEAD_BYTES:])
+              for i in rows[_representatives(codes, len(distinct))].tolist()]
+    good = np.array([f is not None for f in fields], dtype=bool)
+    if not good.all():
+        keep = good[codes]
+        rows, codes, at = rows[keep], codes[keep], at[keep]
+        if not len(rows):
+            return None
+    text = np.ascontiguousarray(at).tobytes().decode("ascii")
+    ats = np.empty(len(rows), dtype=object)
+    ats[:] = [text[k:k + _FEED_AT_BYTES] for k in range(0, len(text), _FEED_AT_BYTES)]
+    columns = [ats]
+    for k in range(3):  # site, val, type: each distinct tail's value, by code
+        values = np.empty(len(fields), dtype=object)
+        values[:] = [f[k] if f is not None else None for f in fields]
+        columns.append(values[codes])
+    return _FeedRows(rows, columns)
+
+
+def _feed_tail_fields(tail: bytes) -> tuple[Any, Any, Any] | None:
+    """site, val and type of a payload with this tail, as parse_messages' loop takes them;
+    None when the tail is not the rest of a JSON object whose `at` is the timestamp before it."""
+    try:
+        message = orjson.loads(_FEED_PREFIX + _FEED_PROBE + tail)
+    except orjson.JSONDecodeError:
+        return None
+    if message.__class__ is not dict or message.get("at") != _FEED_PROBE.decode():
+        return None
+    get = message.get
+    return tuple(value if value.__class__ in _PLAIN else json.dumps(value)
+                 for value in (get("site"), get("val"), get("type")))
 
 
 # --------------------------------------------------------------------------- rules

@@ -271,6 +271,43 @@ def test_any_string_in_any_csv_field_gives_exactly_one_outcome_per_line(lines):
     assert set(result.values()) <= VALID_KINDS | CSV_REASONS
 
 
+# Payloads near the live feed's layout: its prefix, a timestamp with at most one byte changed,
+# then a tail of fragments from a small pool (so that payloads in one example share and nearly
+# share tails): values of every JSON type, `at` again, NUL, invalid UTF-8, broken JSON.
+near_feed_at = st.tuples(st.integers(0, 32), st.sampled_from(
+    [b"0", b"9", b'"', b"\\", b"\x00", b"\x1f", b"\x7f", b"\xc3\xa9", b"\xff", b" "])).map(
+    lambda t: (b"2024-07-01T10:00:00.123456+01:00"[:t[0]] + t[1]
+               + b"2024-07-01T10:00:00.123456+01:00"[t[0] + 1:])[:33])
+near_feed_fragment = st.sampled_from([
+    b', "site": "1"', b', "site": 1', b', "val": 4', b', "val": -1', b', "type": 0', b', "type": 1.0',
+    b', "val": null', b', "val": true', b', "at": "x"', b', "s": "\xff"', b', "v": [1, {}]', b"\x00",
+    b" ", b"}", b"]", b",", rb', "site": "\u0031"', b', "val": 1e400', b', "val": "ERR"'])
+near_feed_payload = st.tuples(near_feed_at, st.lists(near_feed_fragment, max_size=4),
+                              st.booleans()).map(
+    lambda t: b'{"at": "' + t[0] + b'"' + b"".join(t[1]) + (b"}" if t[2] else b""))
+
+
+@PROPERTY
+@example(payloads=[b'{"at": "2024-07-01T10:00:00.123456+01:00", "site": "1", "val": 4}\x00'],
+         seed=0)  # a NUL where the padding would be
+@given(st.lists(near_feed_payload, min_size=1, max_size=40), st.integers(0, 2**32))
+def test_payloads_near_the_feed_layout_are_read_from_bytes_as_one_at_a_time(payloads, seed):
+    """The feed-layout path (batches of at least _FEED_MIN_MESSAGES) against parsing each
+    payload on its own."""
+    pad = [b'{"at": "2024-07-01T10:00:00.123456+01:00", "site": "1", "val": 4}'] * (
+        transform._FEED_MIN_MESSAGES)
+    payloads = pad[:seed % len(pad)] + payloads + pad
+    offsets = list(range(len(payloads)))
+    fast = transform.parse_messages(payloads, [0] * len(payloads), offsets)
+    saved, transform._FEED_MIN_MESSAGES = transform._FEED_MIN_MESSAGES, 10**9
+    try:
+        slow = transform.parse_messages(payloads, [0] * len(payloads), offsets)
+    finally:
+        transform._FEED_MIN_MESSAGES = saved
+    pd.testing.assert_frame_equal(fast.events, slow.events)
+    pd.testing.assert_frame_equal(fast.rejections, slow.rejections)
+    assert outcomes(fast) == outcomes(slow)
+
 # Lines near the kiosk form: a valid timestamp with at most one character changed, then fields
 # from a small pool (so that lines in one example share and nearly share tails), one to four;
 # ASCII only, as a chunk with any other character is read as text (test_transform.py).

@@ -713,6 +713,61 @@ def test_a_chunk_that_is_not_ascii_is_read_as_text():
     assert len(outcome.ratings) == 300
     assert outcome.rejections["payload"].tolist() == [f"{AT},1,é,"]
 
+
+# Payloads the feed-layout reader must tell apart from the feed's layout, or read exactly as
+# orjson does one at a time: a quote, backslash, control or non-ASCII character in the
+# timestamp, timestamps of 31 and 33 characters, tails that set `at` again, NUL, trailing bytes,
+# a tail over 40 bytes, invalid UTF-8, other spacing, and values of every JSON type.
+_AT_LIVE = "2024-07-01T10:00:00.123456+01:00"
+_NEAR_FEED_PAYLOADS = [
+    f'{{"at": "{_AT_LIVE}", "site": "1", "val": 4}}', f'{{"at": "{_AT_LIVE[:-1]}", "site": "1"}}',
+    f'{{"at": "{_AT_LIVE}0", "site": "1", "val": 4}}', f'{{"at": "{_AT_LIVE}", "at": "x"}}',
+    f'{{"at": "{_AT_LIVE}", "site": "1", "at": "{_AT_LIVE}"}}', f'{{"at": "{_AT_LIVE}"}}',
+    f'{{"at": "{_AT_LIVE}", "site": "1", "val": 4}}\x00', f'{{"at": "{_AT_LIVE}", "site": "1"}} ',
+    f'{{"at": "{_AT_LIVE}", "site": "1", "val": 4}}x', f'{{"at": "{_AT_LIVE}", "site": 1.0}}',
+    f'{{"at": "{_AT_LIVE}", "site": "1", "val": -1, "type": 0, "extra": [1, 2]}}',
+    f'{{"at": "{_AT_LIVE}", "site": "é", "val": null}}', f'{{"at": "{_AT_LIVE}", "val": true}}',
+    f'{{"at": "{_AT_LIVE}", "site": {{"a": 1}}, "val": 99999999999999999999}}',
+    f'{{"at":"{_AT_LIVE}", "site": "1", "val": 4}}', f'{{"at": "{_AT_LIVE}", "site": "1", "val": 4',
+    f'{{"at": "{_AT_LIVE}", "site": "1", "val": NaN}}', '{"at": "' + "x" * 32 + '", "at": "0"}',
+    f'{{"at": "{_AT_LIVE}", "at": "{transform._FEED_PROBE.decode()}"}}',  # 44-byte tail
+] + [f'{{"at": "{_AT_LIVE[:i] + c + _AT_LIVE[i + 1:]}", "site": "1", "val": 4}}'
+     for i in (0, 13, 31) for c in ('"', "\\", "\x01", "\x7f", "é")]
+
+
+def _parse_one_at_a_time(payloads: list, monkeypatch) -> transform.ParsedEvents:
+    with monkeypatch.context() as m:
+        m.setattr(transform, "_FEED_MIN_MESSAGES", 10**9)
+        return transform.parse_messages(payloads, [3] * len(payloads), range(len(payloads)))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_feed_payloads_are_read_from_bytes_exactly_as_one_at_a_time(seed, monkeypatch):
+    """Live payloads in the feed's own layout are read from the batch's bytes, each distinct
+    tail parsed once; every event, field, rejection and outcome must be what parsing each
+    payload on its own gives, in the same order."""
+    rng = random.Random(seed)
+    payloads = sample_data.generate_messages(5000, seed, start=datetime(2024, 7, 1, 9, tzinfo=UTC))
+    for text in _NEAR_FEED_PAYLOADS:
+        payloads.insert(rng.randrange(len(payloads)), text.encode())
+    payloads.insert(rng.randrange(len(payloads)), b'{"at": "' + b"\xff" * 32 + b'"}')
+    payloads.insert(rng.randrange(len(payloads)), b'{"at": "' + _AT_LIVE.encode() + b'", "s": "\xff"}')
+    feed = transform._feed_layout(payloads)
+    assert feed is not None and len(feed.rows) > 0.8 * len(payloads)  # the byte path is taken
+    fast = transform.parse_messages(payloads, [3] * len(payloads), range(len(payloads)))
+    slow = _parse_one_at_a_time(payloads, monkeypatch)
+    _same_parse(fast, slow)
+
+
+def test_a_batch_with_a_null_payload_is_read_one_at_a_time():
+    """A tombstone (no payload) cannot be joined with the others' bytes: the batch is parsed
+    one payload at a time, and the null payload is a malformed_json rejection."""
+    payloads = [message(at=_AT_LIVE, site="1", val=4)] * 300 + [None]
+    assert transform._feed_layout(payloads) is None
+    parsed, outcome = validate_messages(payloads)
+    assert len(outcome.ratings) == 300
+    assert parsed.rejections["reason"].tolist() == ["malformed_json"]
+
 def test_empty_inputs_give_empty_outcomes():
     parsed, outcome = validate_csv([])
     assert outcome.count == 0 and len(parsed.rejections) == 0
