@@ -8,6 +8,8 @@ pinned here.
 """
 from __future__ import annotations
 
+import csv
+import io
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +19,8 @@ import pandas as pd
 import psycopg2
 import psycopg2.errors
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import load
 import transform
@@ -229,6 +233,19 @@ def test_rejections_are_stored_verbatim(conn):
     assert set(load.REQUIRED_TABLES) <= tables
     assert load.missing_tables(conn) == []
 
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet='",\r\nxé'), st.lists(st.tuples(
+    st.text(), st.text(alphabet='",\r\n\\ xé\x00'), st.integers().map(str)), max_size=20))
+def test_rejection_rows_are_the_csv_module_s(first, rows_in):
+    """csv_rows builds the rejections' COPY data a column at a time; every byte must be what
+    csv.writer(QUOTE_ALL) writes, the format the COPY statement reads."""
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n", quoting=csv.QUOTE_ALL).writerows(
+        (first, *row) for row in rows_in)
+    columns = [list(column) for column in zip(*rows_in)] or [[]]
+    assert load.csv_rows(first, columns) == buffer.getvalue()
 
 def test_rejection_source_text_is_stored_as_given(conn):
     uri = "s3://sigma-resources-museum/lmnh_hist_data_0.csv"
