@@ -357,8 +357,9 @@ def _kiosk_rows(lines: list[str], text: str) -> _KioskRows | None:
     words = np.lib.stride_tricks.as_strided(buf, (len(data), _KIOSK_ROW_BYTES), (1, 1),
                                             writeable=False)[starts[rows]].view("<u8")
     w0, w1, w2, w3 = words[:, 0], words[:, 1], words[:, 2], words[:, 3]
-    tail = ((w2 >> np.uint64(32)) | (w3 << np.uint64(32))) & _TAIL_MASK[lengths[rows] - 20]
-    padded = tail | ~_TAIL_MASK[lengths[rows] - 20]  # a NUL in the tail would read as padding
+    in_tail = _TAIL_MASK[lengths[rows] - (_KIOSK_AT_BYTES + 1)]
+    tail = ((w2 >> np.uint64(32)) | (w3 << np.uint64(32))) & in_tail  # bytes 20-27
+    padded = tail | ~in_tail  # a NUL in the tail would read as the padding
     form = (_digits_and_marks(w0, 0) & _digits_and_marks(w1, 1)
             & _digits_and_marks(w2 & np.uint64(0xFFFFFFFF), 2)
             & ~_has_byte_below(padded, 1))
