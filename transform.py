@@ -168,7 +168,7 @@ def _split_csv_lines(lines: list[str], first_line_no: int) -> ParsedEvents:
     n = len(lines)
     kiosk = _kiosk_rows(lines, text) if n >= _KIOSK_MIN_LINES and text.isascii() else None
     if kiosk is None:
-        simple, columns = _simple_rows(lines, text, np.ones(n, dtype=bool))
+        simple, columns = _simple_rows(lines, text)
     else:
         rest = np.ones(n, dtype=bool)
         rest[kiosk.rows] = False
@@ -212,13 +212,13 @@ def _split_csv_lines(lines: list[str], first_line_no: int) -> ParsedEvents:
     return ParsedEvents(events, rejections if len(rejections) else empty_rejections())
 
 
-def _simple_rows(lines: list[str], text: str, among: np.ndarray
+def _simple_rows(lines: list[str], text: str, among: np.ndarray | None = None
                  ) -> tuple[np.ndarray, list[list[str]]]:
-    """Which of the lines `among` are four fields with no quote, and those fields, split in
-    one pass over their joined text."""
+    """Which of the lines (all, or those `among`) are four fields with no quote, and those
+    fields, split in one pass over their joined text."""
     n = len(lines)
     simple = np.zeros(n, dtype=bool)
-    if among.all():
+    if among is None:
         simple[:] = np.fromiter(map(_COUNT_COMMAS, lines), dtype=np.int64, count=n) == 3
         if '"' in text:
             simple &= np.fromiter(('"' not in line for line in lines), dtype=bool, count=n)
@@ -343,8 +343,7 @@ def _kiosk_rows(lines: list[str], text: str) -> _KioskRows | None:
     """The lines of `text` (ASCII, `lines` joined by LF) that are in the kiosk form."""
     data = text.encode("ascii")
     n = len(lines)
-    buf = np.frombuffer(data + bytes(_KIOSK_ROW_BYTES), dtype=np.uint8)
-    breaks = np.flatnonzero(buf[:len(data)] == 10)
+    breaks = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 10)
     if len(breaks) != n - 1:
         return None  # a line holds a LF: not lines as extract hands them over
     starts = np.concatenate([[0], breaks + 1])
@@ -353,9 +352,7 @@ def _kiosk_rows(lines: list[str], text: str) -> _KioskRows | None:
                           & (lengths <= _KIOSK_AT_BYTES + 1 + _KIOSK_TAIL_BYTES))
     if not len(rows):
         return None
-    # every line's first 32 bytes as a row of 4 words: a strided view of the buffer, rows taken
-    words = np.lib.stride_tricks.as_strided(buf, (len(data), _KIOSK_ROW_BYTES), (1, 1),
-                                            writeable=False)[starts[rows]].view("<u8")
+    words = _row_heads(data, starts[rows], _KIOSK_ROW_BYTES).view("<u8")  # 4 words a line
     w0, w1, w2, w3 = words[:, 0], words[:, 1], words[:, 2], words[:, 3]
     in_tail = _TAIL_MASK[lengths[rows] - (_KIOSK_AT_BYTES + 1)]
     tail = ((w2 >> np.uint64(32)) | (w3 << np.uint64(32))) & in_tail  # bytes 20-27
@@ -421,6 +418,14 @@ class _KioskTimes:
 
 
 _KIOSK_TIMES = _KioskTimes(200_000)
+
+
+def _row_heads(data: bytes, starts: np.ndarray, width: int) -> np.ndarray:
+    """The `width` bytes from each of `starts` in `data` (zeros past its end) as the rows of
+    a matrix: a strided view of the buffer, the rows taken in one index, no loop per row."""
+    buf = np.frombuffer(data + bytes(width), dtype=np.uint8)
+    return np.lib.stride_tricks.as_strided(buf, (len(data), width), (1, 1),
+                                           writeable=False)[starts]
 
 
 def _representatives(codes: np.ndarray, count: int) -> np.ndarray:
@@ -600,9 +605,7 @@ def _feed_layout(payloads: Sequence[bytes | None]) -> _FeedRows | None:
     rows = np.flatnonzero((lengths > _FEED_HEAD_BYTES) & (lengths <= _FEED_ROW_BYTES))
     if not len(rows):
         return None
-    buf = np.frombuffer(data + bytes(_FEED_ROW_BYTES), dtype=np.uint8)
-    raw = np.lib.stride_tricks.as_strided(buf, (len(data), _FEED_ROW_BYTES), (1, 1),
-                                          writeable=False)[starts[rows]]
+    raw = _row_heads(data, starts[rows], _FEED_ROW_BYTES)
     at = raw[:, len(_FEED_PREFIX):_FEED_HEAD_BYTES]
     form = raw[:, :8].view("<u8")[:, 0] == _FEED_PREFIX_WORD
     for word in at.view("<u8").T:  # no control character, quote or backslash; ASCII only
@@ -984,7 +987,8 @@ def _rejected(events: pd.DataFrame, bad: np.ndarray, reasons: np.ndarray,
     columns["payload"] = [payload_text(p) if p.__class__ is bytes else p.replace("\x00", "\\x00")
                           for p in events["payload"].to_numpy()[rows].tolist()]
     columns["reason"] = reasons
-    raw = [events[name].to_numpy()[rows] for name in FIELDS]
+    # taken first: of a Categorical column only the rejected rows' values become objects
+    raw = [events[name].take(rows).to_numpy(dtype=object) for name in FIELDS]
     columns["detail"] = _details(reasons, zip(*raw), rules)
     return pd.DataFrame(columns)
 
