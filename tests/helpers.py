@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from confluent_kafka import Producer
 from psycopg2 import sql
 from psycopg2.extensions import encrypt_password
 
 import load
+import transform
 
 
 def scalar(conn, query: str, params=None):
@@ -83,3 +86,16 @@ def set_password(db, role: str, password: str) -> None:
                         (verifier,))
     finally:
         conn.close()
+
+
+@contextmanager
+def text_paths_only() -> Iterator[None]:
+    """transform's byte-level readers switched off (their size thresholds out of reach), so
+    every CSV line and Kafka payload takes the text path they are checked against. A context
+    manager rather than a fixture: hypothesis tests cannot use function-scoped fixtures."""
+    saved = transform._KIOSK_MIN_LINES, transform._FEED_MIN_MESSAGES
+    transform._KIOSK_MIN_LINES = transform._FEED_MIN_MESSAGES = 10**9
+    try:
+        yield
+    finally:
+        transform._KIOSK_MIN_LINES, transform._FEED_MIN_MESSAGES = saved

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 import extract
 import sample_data
 import transform
+from helpers import text_paths_only
 from transform import MasterData, Rules
 
 LONDON = ZoneInfo("Europe/London")
@@ -299,11 +300,8 @@ def test_payloads_near_the_feed_layout_are_read_from_bytes_as_one_at_a_time(payl
     payloads = pad[:seed % len(pad)] + payloads + pad
     offsets = list(range(len(payloads)))
     fast = transform.parse_messages(payloads, [0] * len(payloads), offsets)
-    saved, transform._FEED_MIN_MESSAGES = transform._FEED_MIN_MESSAGES, 10**9
-    try:
+    with text_paths_only():
         slow = transform.parse_messages(payloads, [0] * len(payloads), offsets)
-    finally:
-        transform._FEED_MIN_MESSAGES = saved
     pd.testing.assert_frame_equal(fast.events, slow.events)
     pd.testing.assert_frame_equal(fast.rejections, slow.rejections)
     assert outcomes(fast) == outcomes(slow)
@@ -327,11 +325,8 @@ def test_lines_near_the_kiosk_form_are_read_from_bytes_as_the_text_path_reads_th
     pad = ["2024-07-01 10:00:00,1,4,"] * transform._KIOSK_MIN_LINES
     lines = pad[:seed % len(pad)] + lines + pad
     fast = transform.parse_csv_lines(lines, 2)
-    saved, transform._KIOSK_MIN_LINES = transform._KIOSK_MIN_LINES, 10**9
-    try:
+    with text_paths_only():
         text = transform.parse_csv_lines(lines, 2)
-    finally:
-        transform._KIOSK_MIN_LINES = saved
     pd.testing.assert_frame_equal(fast.events.astype(object), text.events.astype(object))
     pd.testing.assert_frame_equal(fast.rejections, text.rejections)
     assert outcomes(fast) == outcomes(text)

@@ -21,6 +21,7 @@ import pytest
 
 import sample_data
 import transform
+from helpers import text_paths_only
 from transform import ExhibitionError, MasterData, Rules
 
 LONDON = ZoneInfo("Europe/London")
@@ -659,12 +660,6 @@ _NEAR_KIOSK_LINES = [
 ] + [AT[:i] + c + AT[i + 1:] + ",1,4," for i in range(19) for c in "0/:9-, T"]
 
 
-def _read_as_text(lines: list[str], first_line_no: int, monkeypatch) -> transform.ParsedEvents:
-    with monkeypatch.context() as m:
-        m.setattr(transform, "_KIOSK_MIN_LINES", 10**9)
-        return transform.parse_csv_lines(lines, first_line_no)
-
-
 def _same_parse(fast: transform.ParsedEvents, text: transform.ParsedEvents) -> None:
     pd.testing.assert_frame_equal(fast.events.astype(object), text.events.astype(object))
     pd.testing.assert_frame_equal(fast.rejections, text.rejections)
@@ -675,7 +670,7 @@ def _same_parse(fast: transform.ParsedEvents, text: transform.ParsedEvents) -> N
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_kiosk_lines_are_read_from_bytes_exactly_as_the_text_path_reads_them(seed, monkeypatch):
+def test_kiosk_lines_are_read_from_bytes_exactly_as_the_text_path_reads_them(seed):
     """A chunk's lines in the kiosk form are read from its bytes, with no string per field;
     every event, field, rejection and outcome must be the text path's, in the same order."""
     rng = random.Random(seed)
@@ -683,7 +678,8 @@ def test_kiosk_lines_are_read_from_bytes_exactly_as_the_text_path_reads_them(see
     for line in _NEAR_KIOSK_LINES:
         lines.insert(rng.randrange(len(lines)), line)
     fast = transform.parse_csv_lines(lines, 2)
-    text = _read_as_text(lines, 2, monkeypatch)
+    with text_paths_only():
+        text = transform.parse_csv_lines(lines, 2)
     assert isinstance(fast.events["at"].dtype, pd.CategoricalDtype)  # the byte path was taken
     assert not isinstance(text.events["at"].dtype, pd.CategoricalDtype)
     _same_parse(fast, text)
@@ -735,14 +731,8 @@ _NEAR_FEED_PAYLOADS = [
      for i in (0, 13, 31) for c in ('"', "\\", "\x01", "\x7f", "é")]
 
 
-def _parse_one_at_a_time(payloads: list, monkeypatch) -> transform.ParsedEvents:
-    with monkeypatch.context() as m:
-        m.setattr(transform, "_FEED_MIN_MESSAGES", 10**9)
-        return transform.parse_messages(payloads, [3] * len(payloads), range(len(payloads)))
-
-
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_feed_payloads_are_read_from_bytes_exactly_as_one_at_a_time(seed, monkeypatch):
+def test_feed_payloads_are_read_from_bytes_exactly_as_one_at_a_time(seed):
     """Live payloads in the feed's own layout are read from the batch's bytes, each distinct
     tail parsed once; every event, field, rejection and outcome must be what parsing each
     payload on its own gives, in the same order."""
@@ -755,7 +745,8 @@ def test_feed_payloads_are_read_from_bytes_exactly_as_one_at_a_time(seed, monkey
     feed = transform._feed_layout(payloads)
     assert feed is not None and len(feed.rows) > 0.8 * len(payloads)  # the byte path is taken
     fast = transform.parse_messages(payloads, [3] * len(payloads), range(len(payloads)))
-    slow = _parse_one_at_a_time(payloads, monkeypatch)
+    with text_paths_only():
+        slow = transform.parse_messages(payloads, [3] * len(payloads), range(len(payloads)))
     _same_parse(fast, slow)
 
 
