@@ -562,8 +562,9 @@ def _column(values: np.ndarray) -> pd.Series:
 # 32 plain ASCII characters (no quote, no backslash: a literal JSON string), then a tail of at
 # most 40 bytes (`", "site": "5", "val": -1, "type": 1}` is 37). A payload in it is read from
 # the batch's bytes: the tails are factorized as 64-bit words and each distinct tail is parsed
-# once by orjson, behind a probe timestamp that must come back as `at` (a tail that set `at`
-# again to 32 characters would need at least 44 bytes). Every other payload is parsed alone.
+# once by `_parse_each` (the one-at-a-time parse), behind a probe timestamp that must come back
+# as `at` (a tail that set `at` again to 32 characters would need at least 44 bytes). Every
+# other payload is parsed alone.
 _FEED_MIN_MESSAGES = 256      # fewer messages: one at a time is as quick
 _FEED_PREFIX = b'{"at": "'
 _FEED_AT_BYTES = 32
@@ -626,9 +627,9 @@ def _feed_layout(payloads: Sequence[bytes | None]) -> _FeedRows | None:
     if not len(rows):
         return None
     codes, distinct = pd.factorize(codes)
-    fields = [_feed_tail_fields(payloads[i][_FEED_HEAD_BYTES:])
-              for i in rows[_representatives(codes, len(distinct))].tolist()]
-    good = np.array([f is not None for f in fields], dtype=bool)
+    good, values = _feed_tail_fields([
+        payloads[i][_FEED_HEAD_BYTES:]
+        for i in rows[_representatives(codes, len(distinct))].tolist()])
     if not good.all():
         keep = good[codes]
         rows, codes, at = rows[keep], codes[keep], at[keep]
@@ -637,26 +638,21 @@ def _feed_layout(payloads: Sequence[bytes | None]) -> _FeedRows | None:
     text = np.ascontiguousarray(at).tobytes().decode("ascii")
     ats = np.empty(len(rows), dtype=object)
     ats[:] = [text[k:k + _FEED_AT_BYTES] for k in range(0, len(text), _FEED_AT_BYTES)]
-    columns = [ats]
-    for k in range(3):  # site, val, type: each distinct tail's value, by code
-        values = np.empty(len(fields), dtype=object)
-        values[:] = [f[k] if f is not None else None for f in fields]
-        columns.append(values[codes])
-    return _FeedRows(rows, columns)
+    return _FeedRows(rows, [ats, *(column[codes] for column in values)])
 
 
-def _feed_tail_fields(tail: bytes) -> tuple[Any, Any, Any] | None:
-    """site, val and type of a payload with this tail, as parse_messages' loop takes them;
-    None when the tail is not the rest of a JSON object whose `at` is the timestamp before it."""
-    try:
-        message = orjson.loads(_FEED_PREFIX + _FEED_PROBE + tail)
-    except orjson.JSONDecodeError:
-        return None
-    if message.__class__ is not dict or message.get("at") != _FEED_PROBE.decode():
-        return None
-    get = message.get
-    return tuple(value if value.__class__ in _PLAIN else json.dumps(value)
-                 for value in (get("site"), get("val"), get("type")))
+def _feed_tail_fields(tails: list[bytes]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Which tails end a JSON object whose `at` is the timestamp before them, and the site,
+    val and type each gives: `_parse_each`, the one-at-a-time parse, of each tail behind the
+    probe timestamp."""
+    objects, columns, _ = _parse_each([_FEED_PREFIX + _FEED_PROBE + t for t in tails],
+                                      range(len(tails)))
+    good = np.zeros(len(tails), dtype=bool)
+    good[objects] = columns[0] == _FEED_PROBE.decode()
+    values = [np.empty(len(tails), dtype=object) for _ in columns[1:]]
+    for value, column in zip(values, columns[1:]):
+        value[objects] = column
+    return good, values
 
 
 # --------------------------------------------------------------------------- rules
