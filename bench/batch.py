@@ -37,9 +37,11 @@ from common import (  # noqa: E402 - after the path tweak, so `common` is import
     CpuBusy,
     Databases,
     Measured,
+    ServerCpu,
     child_env,
     db_env,
     fmt_rate,
+    fmt_server_cpu,
     idle_share,
     load_average,
     machine,
@@ -217,6 +219,7 @@ class BatchBench:
         self.pg_password = localstack.database_settings(state["postgres"]).password
         self.s3 = localstack.s3_settings(state["s3"])
         self.dbs = Databases(self.pg_port, self.pg_password)
+        self.pg_cpu = ServerCpu(state["postgres"]["pid"])
         self.bucket = new_name("bench").replace("_", "-")
         self.client = None
 
@@ -251,7 +254,7 @@ class BatchBench:
         return measure([PYTHON, SCRIPT, "--worker", name, "--endpoint", self.s3.endpoint_url,
                         "--bucket", self.bucket, "--key", KEY, "--port", str(self.pg_port),
                         "--db", db], env=child_env(PGPASSWORD=self.pg_password),  # libpq reads it
-                       timeout=self.timeout)
+                       timeout=self.timeout, server=self.pg_cpu)
 
     def limit(self) -> Measured:
         db = self.dbs.create("bench_limit", schema=False)
@@ -289,7 +292,7 @@ class BatchBench:
                         AWS_SECRET_ACCESS_KEY=self.s3.secret_key, AWS_REGION=self.s3.region)
         try:
             run = measure([PYTHON, str(PROJECT_DIR / "pipeline.py"), "-b", self.bucket,
-                           "--no-progress"], env=env, timeout=self.timeout)
+                           "--no-progress"], env=env, timeout=self.timeout, server=self.pg_cpu)
             run.check("pipeline.py")
             self.stored, self.rejected = self._check_conservation("pipeline.py", db)
             return run
@@ -316,7 +319,16 @@ def best(runs: list[Measured]) -> Measured | None:
 
 def line(name: str, run: Measured, rows: int) -> str:
     return (f"  {name:9} {run.seconds:7.2f} s  {rows / run.seconds:>11,.0f} rows/s  "
-            f"cpu {run.cpu_seconds:6.2f} s  peak RSS {run.peak_rss_mb:7.1f} MB")
+            f"cpu {run.cpu_seconds:6.2f} s + PostgreSQL {fmt_server_cpu(run)}  "
+            f"peak RSS {run.peak_rss_mb:7.1f} MB")
+
+
+def two_cpu_floor(run: Measured, cpus: int) -> float | None:
+    """The shortest wall time the run's CPU seconds (its own and the server's) allow on this
+    many CPUs, were both perfectly busy from start to end."""
+    if run.server_cpu_seconds is None:
+        return None
+    return round((run.cpu_seconds + run.server_cpu_seconds) / cpus, 3)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -388,6 +400,11 @@ def main(argv: list[str] | None = None) -> int:
         "limit_seconds": round(limit.seconds, 3),
         "pipeline_seconds": round(pipe.seconds, 3),
         "baseline_seconds": round(base.seconds, 3) if base else None,
+        "pipeline_cpu_seconds": round(pipe.cpu_seconds, 3),
+        "pipeline_server_cpu_seconds": pipe.server_cpu_seconds,
+        "limit_cpu_seconds": round(limit.cpu_seconds, 3),
+        "limit_server_cpu_seconds": limit.server_cpu_seconds,
+        "pipeline_cpu_floor_seconds": two_cpu_floor(pipe, info["cpus"]),
         "baseline_peak_rss_mb": round(max(r.peak_rss_mb for r in baselines), 1)
         if baselines else None,
         "repeat": args.repeat,
@@ -404,6 +421,12 @@ def main(argv: list[str] | None = None) -> int:
     if base:
         print(f"  baseline  {fmt_rate(figures['baseline_rows_per_s']):>11} rows/s  "
               f"pipeline = {figures['pipeline_vs_baseline']}x the baseline (target >= 3)")
+    floor = figures["pipeline_cpu_floor_seconds"]
+    if floor:
+        print(f"  CPU of the best pipeline run: {pipe.cpu_seconds:.2f} s its own + "
+              f"{pipe.server_cpu_seconds:.2f} s PostgreSQL's = at least {floor:.2f} s on "
+              f"{info['cpus']} CPUs, so at most {limit.seconds / floor:.2f} of this limit "
+              "without less work per row")
     print(f"  pipeline peak RSS {figures['pipeline_peak_rss_mb']} MB (target <= 250 MB at "
           "every size)")
     print(f"  machine: CPU busy {figures['cpu_busy_before']} before, "

@@ -55,6 +55,7 @@ class Measured:
     started_at: float = 0.0  # wall clock (time.time()) at spawn and at exit
     ended_at: float = 0.0
     notes: dict = field(default_factory=dict)  # what a benchmark learnt from the output
+    server_cpu_seconds: float | None = None  # the local PostgreSQL's CPU over the same span
 
     def tail(self, lines: int = 15) -> str:
         text = (self.stderr.strip() + "\n" + self.stdout.strip()).strip()
@@ -110,7 +111,7 @@ with open(result_path, "w") as out:
 
 
 def measure(argv: list[str], env: dict[str, str] | None = None, timeout: float = 600.0,
-            cwd: Path = PROJECT_DIR) -> Measured:
+            cwd: Path = PROJECT_DIR, server: ServerCpu | None = None) -> Measured:
     """Run argv to completion and measure it as a whole process.
 
     Peak RSS is the kernel's own high-water mark of the command's resident set (`ru_maxrss`
@@ -124,7 +125,10 @@ def measure(argv: list[str], env: dict[str, str] | None = None, timeout: float =
     just before the spawn to wait4's return: interpreter start-up, imports, connecting and
     shutting down count, for every side alike. Output goes to temporary files, so a chatty
     command can never block on a full pipe. After `timeout` seconds the command is killed.
+    With `server`, the PostgreSQL server's CPU from just before the spawn to just after the
+    exit is measured too (`ServerCpu`).
     """
+    server_before = server.seconds() if server else None
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
             tempfile.NamedTemporaryFile("r", suffix=".json") as result:
         runner = subprocess.Popen([PYTHON, "-I", "-S", "-c", _RUNNER, result.name, str(timeout),
@@ -146,10 +150,49 @@ def measure(argv: list[str], env: dict[str, str] | None = None, timeout: float =
             raise BenchError(f"could not measure {' '.join(argv[:3])}: the measuring process "
                              f"exited with {runner.returncode}\n{stderr[-2000:]}")
         figures = json.loads(text)
-    return Measured(argv=argv, seconds=figures["seconds"], cpu_seconds=figures["cpu_seconds"],
+    server_after = server.seconds() if server else None
+    return Measured(server_cpu_seconds=None if server_before is None or server_after is None
+                    else round(server_after - server_before, 3),
+                    argv=argv, seconds=figures["seconds"], cpu_seconds=figures["cpu_seconds"],
                     peak_rss_mb=figures["maxrss_kib"] / 1024, returncode=figures["returncode"],
                     stdout=stdout, stderr=stderr, timed_out=figures["timed_out"],
                     started_at=figures["started_at"], ended_at=figures["ended_at"])
+
+
+class ServerCpu:
+    """CPU seconds a PostgreSQL server has used so far, read from /proc: the postmaster, every
+    live child (backends, background writer, checkpointer, WAL writer, autovacuum) and the
+    children it has already reaped (`cutime`/`cstime`), so a backend that exits with its
+    client still counts. Differences of two readings are what the server spent in between.
+
+    Why: a COPY runs in one backend, so the pipeline and the server each need a core, and on
+    a 2-CPU machine their CPU seconds together bound the wall time from below (bench/README,
+    "Issue 19, fourth session").
+    """
+
+    def __init__(self, postmaster_pid: int) -> None:
+        self.pid = postmaster_pid
+        self.tick = os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _fields(pid: str) -> list[str] | None:
+        try:
+            text = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:  # exited between the listing and the read
+            return None
+        return text[text.rindex(")") + 2:].split()  # fields 3.. (state is [0], ppid [1])
+
+    def seconds(self) -> float | None:
+        own = self._fields(str(self.pid))
+        if own is None:
+            return None
+        ticks = sum(int(x) for x in own[11:15])  # utime, stime, cutime, cstime
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and entry != str(self.pid):
+                fields = self._fields(entry)
+                if fields is not None and fields[1] == str(self.pid):
+                    ticks += int(fields[11]) + int(fields[12])
+        return ticks / self.tick
 
 
 def worker_result(measured: Measured) -> dict:
@@ -333,6 +376,10 @@ def idle_share(seconds: float = 1.0) -> float | None:
 
 def fmt_rate(value: float | None) -> str:
     return "-" if value is None else f"{value:,.0f}"
+
+
+def fmt_server_cpu(run: Measured) -> str:
+    return "-" if run.server_cpu_seconds is None else f"{run.server_cpu_seconds:5.2f} s"
 
 
 def ratio(a: float | None, b: float | None) -> float | None:

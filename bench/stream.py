@@ -51,9 +51,11 @@ from common import (  # noqa: E402 - after the path tweak, so `common` is import
     CpuBusy,
     Databases,
     Measured,
+    ServerCpu,
     child_env,
     db_env,
     fmt_rate,
+    fmt_server_cpu,
     idle_share,
     load_average,
     machine,
@@ -124,6 +126,7 @@ class StreamBench:
         self.pg_password = localstack.database_settings(state["postgres"]).password
         self.kafka = localstack.kafka_settings(state["kafka"])
         self.dbs = Databases(self.pg_port, self.pg_password)
+        self.pg_cpu = ServerCpu(state["postgres"]["pid"])
         self.timeout = timeout
 
     def new_topic(self) -> str:
@@ -168,7 +171,8 @@ class StreamBench:
         run = measure([PYTHON, SCRIPT, "--worker", "limit", "--bootstrap",
                        self.kafka.bootstrap_servers, "--topic", topic, "--group",
                        new_name("bench-limit"), "--partitions", str(PARTITIONS)],
-                      env=child_env(), timeout=self.timeout).check("the bare consumer")
+                      env=child_env(), timeout=self.timeout,
+                      server=self.pg_cpu).check("the bare consumer")
         result = worker_result(run)
         if result["messages"] != expected:
             raise BenchError(f"the bare consumer read {result['messages']} messages, expected "
@@ -181,7 +185,8 @@ class StreamBench:
         try:
             run = measure([PYTHON, str(PROJECT_DIR / "consumer.py"), "--topic", topic, "--group",
                            new_name("bench-consumer"), "--stop-at-end"],
-                          env=self.consumer_env(db), timeout=self.timeout).check("consumer.py")
+                          env=self.consumer_env(db), timeout=self.timeout,
+                          server=self.pg_cpu).check("consumer.py")
             run.notes["assigned_at"] = logged_assignment(run.stderr)
             self.stored, self.rejected = self._check("consumer.py", db, topic, expected)
             return run
@@ -431,7 +436,8 @@ def line(name: str, run: Measured, messages: int) -> str:
     join, steady = after_join(run, messages)
     extra = "" if join is None else f"  (assigned after {join:.1f} s, then {steady:,.0f} msg/s)"
     return (f"  {name:9} {run.seconds:7.2f} s  {messages / run.seconds:>11,.0f} msg/s  "
-            f"cpu {run.cpu_seconds:6.2f} s  peak RSS {run.peak_rss_mb:7.1f} MB{extra}")
+            f"cpu {run.cpu_seconds:6.2f} s + PostgreSQL {fmt_server_cpu(run)}  "
+            f"peak RSS {run.peak_rss_mb:7.1f} MB{extra}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -523,6 +529,9 @@ def main(argv: list[str] | None = None) -> int:
         "consumer_vs_limit_after_join": ratio(consumer_steady, limit_steady),
         "limit_seconds": round(limit.seconds, 3),
         "consumer_seconds": round(cons.seconds, 3),
+        "consumer_cpu_seconds": round(cons.cpu_seconds, 3),
+        "consumer_server_cpu_seconds": cons.server_cpu_seconds,
+        "limit_cpu_seconds": round(limit.cpu_seconds, 3),
         "repeat": args.repeat,
         "cpus": info["cpus"],
         "cpu_busy_before": busy_before,
