@@ -58,8 +58,9 @@ DEFAULT_GROUP = "lmnh-pipeline"
 # Memory stays bounded by the queue's size, as before.
 FETCH_QUEUE_BACKOFF_MS = 10
 # Errors that waiting cannot fix, whenever they come: the consumer exits non-zero on these.
-FATAL_KAFKA_CODES = {KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.GROUP_AUTHORIZATION_FAILED,
-                     KafkaError._INVALID_ARG}
+FORBIDDEN_KAFKA_CODES = {KafkaError.TOPIC_AUTHORIZATION_FAILED,
+                         KafkaError.GROUP_AUTHORIZATION_FAILED}
+FATAL_KAFKA_CODES = FORBIDDEN_KAFKA_CODES | {KafkaError._INVALID_ARG}
 # A refused TLS handshake or login (SPEC §4): before any broker connection completed it is a
 # setting (SSL_CA_LOCATION, SECURITY_PROTOCOL, USERNAME/PASSWORD) and the consumer stops; once
 # connected it is a broker rolling, a load balancer or a re-opened connection, waited out.
@@ -423,7 +424,9 @@ class KioskConsumer:
 
     def _on_error(self, error: KafkaError) -> None:
         code = error.code()
-        if code in FATAL_KAFKA_CODES or error.fatal():
+        if code in FORBIDDEN_KAFKA_CODES:
+            self._stop_for(self._forbidden(error))
+        elif code in FATAL_KAFKA_CODES or error.fatal():
             self._stop_for(f"Kafka refused us: {error.str()}")
         elif code in REFUSED_KAFKA_CODES and not self.broker_connected:
             self._stop_for(self._refusal(error))
@@ -449,6 +452,19 @@ class KioskConsumer:
         return (f"the Kafka broker at {kafka.bootstrap_servers} rejected the credentials: "
                 f"{error.str()}; check USERNAME={kafka.username}, PASSWORD and "
                 f"SASL_MECHANISM={kafka.sasl_mechanism}")
+
+    def _forbidden(self, error: KafkaError) -> str:
+        """An ACL refusal as one line naming the principal and what it needs: on a managed
+        Kafka the login succeeds and the topic or group is then refused (an API key or SCRAM
+        user without the grants)."""
+        user = self.settings.kafka.username
+        who = f"USERNAME={user}" if user else "this client (no SASL user)"
+        if error.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED:
+            what, grant = f"topic {self.topic}", "READ and DESCRIBE on the topic"
+        else:
+            what, grant = f"consumer group {self.group}", "READ on the group"
+        return (f"the Kafka broker does not allow {who} to use {what}: {error.str()}; "
+                f"grant it {grant}")
 
     def _broker_lost(self, why: str) -> None:
         """One WARNING per outage; the loop stops the consumer if it outlasts the bound."""

@@ -27,6 +27,8 @@ import threading
 from dataclasses import dataclass, field
 
 API_VERSIONS, SASL_HANDSHAKE, SASL_AUTHENTICATE = 18, 17, 36
+METADATA, FIND_COORDINATOR = 3, 10
+TOPIC_AUTHORIZATION_FAILED, GROUP_AUTHORIZATION_FAILED = 29, 30
 UNSUPPORTED_SASL_MECHANISM, ILLEGAL_SASL_STATE, SASL_AUTHENTICATION_FAILED = 33, 34, 58
 SCRAM_HASHES = {"SCRAM-SHA-256": "sha256", "SCRAM-SHA-512": "sha512"}
 SCRAM_ITERATIONS = 4096
@@ -105,6 +107,121 @@ def _put_uvarint(value: int) -> bytes:
         else:
             out.append(byte)
             return bytes(out)
+
+
+# ------------------------------------------------------------------ ACLs (just enough)
+class Fields:
+    """Reads a Kafka message body: `flexible` versions use compact strings and arrays (an
+    unsigned varint of length + 1) and tagged fields (KIP-482)."""
+
+    def __init__(self, data: bytes, pos: int, flexible: bool):
+        self.data, self.pos, self.flexible = data, pos, flexible
+
+    def fixed(self, fmt: str):
+        value = struct.unpack_from(fmt, self.data, self.pos)
+        self.pos += struct.calcsize(fmt)
+        return value[0]
+
+    def varint(self) -> int:
+        value, self.pos = _uvarint(self.data, self.pos)
+        return value
+
+    def length(self) -> int:
+        """Of a string or an array; -1 for null."""
+        return self.varint() - 1 if self.flexible else self.fixed(">h")
+
+    def count(self) -> int:
+        return self.varint() - 1 if self.flexible else self.fixed(">i")
+
+    def string(self) -> str | None:
+        size = self.length()
+        if size < 0:
+            return None
+        self.pos += size
+        return self.data[self.pos - size:self.pos].decode()
+
+    def tags(self) -> None:
+        if self.flexible:
+            for _ in range(self.varint()):
+                self.varint()
+                self.pos += self.varint()
+
+
+def coordinator_key(request: bytes, version: int) -> str | None:
+    """The group a FindCoordinator request (v0-v3) asks about."""
+    if version >= 4:
+        raise NotImplementedError("FindCoordinator v4+ (batched keys) is not read by the front")
+    fields = Fields(request, 0, version >= 3)
+    fields.tags()  # the flexible request header's tagged fields come before the body
+    return fields.string()
+
+
+def coordinator_refused(response: bytes, version: int) -> bytes:
+    """A FindCoordinator answer of GROUP_AUTHORIZATION_FAILED, as Kafka gives a principal with
+    no DESCRIBE on the group."""
+    correlation = response[:4]
+    message = "Group authorization failed."
+    if version == 0:
+        return correlation + struct.pack(">hi", GROUP_AUTHORIZATION_FAILED, -1) \
+            + kstring("") + struct.pack(">i", -1)
+    if version <= 2:
+        return correlation + struct.pack(">ih", 0, GROUP_AUTHORIZATION_FAILED) \
+            + kstring(message) + struct.pack(">i", -1) + kstring("") + struct.pack(">i", -1)
+    raw = message.encode()
+    return correlation + b"\x00" + struct.pack(">ih", 0, GROUP_AUTHORIZATION_FAILED) \
+        + _put_uvarint(len(raw) + 1) + raw + struct.pack(">i", -1) + _put_uvarint(1) \
+        + struct.pack(">i", -1) + b"\x00"
+
+
+def metadata_without(response: bytes, version: int, denied: set[str]) -> tuple[bytes, list[str]]:
+    """A Metadata response (v1-v12) in which each denied topic has TOPIC_AUTHORIZATION_FAILED
+    and no partitions, as Kafka answers a principal with no DESCRIBE on it; and which topics
+    were refused."""
+    flexible = version >= 9
+    fields = Fields(response, 4, flexible)
+    fields.tags()  # response header
+    if version >= 3:
+        fields.fixed(">i")  # throttle_time_ms
+    for _ in range(fields.count()):  # brokers
+        fields.fixed(">i")
+        fields.string()
+        fields.fixed(">i")
+        fields.string()  # rack
+        fields.tags()
+    if version >= 2:
+        fields.string()  # cluster_id
+    fields.fixed(">i")  # controller_id
+    head = response[:fields.pos]
+    topics, refused = [], []
+    for _ in range(fields.count()):
+        start = fields.pos
+        fields.fixed(">h")
+        name_at = fields.pos
+        name = fields.string()
+        if version >= 10:
+            fields.pos += 16  # topic_id
+        fields.fixed(">?")  # is_internal
+        after_internal = fields.pos
+        for _ in range(fields.count()):  # partitions
+            fields.pos += 10 if version < 7 else 14  # error, index, leader[, leader epoch]
+            for _ in range(3 if version >= 5 else 2):  # replicas, isr[, offline]
+                nodes = fields.count()
+                fields.pos += 4 * max(nodes, 0)
+            fields.tags()
+        tail_at = fields.pos  # topic_authorized_operations and tagged fields: kept
+        if version >= 8:
+            fields.fixed(">i")
+        fields.tags()
+        if name in denied:
+            refused.append(name)
+            empty = _put_uvarint(1) if flexible else struct.pack(">i", 0)
+            topics.append(struct.pack(">h", TOPIC_AUTHORIZATION_FAILED)
+                          + response[name_at:after_internal] + empty
+                          + response[tail_at:fields.pos])
+        else:
+            topics.append(response[start:fields.pos])
+    count = _put_uvarint(len(topics) + 1) if flexible else struct.pack(">i", len(topics))
+    return head + count + b"".join(topics) + response[fields.pos:], refused
 
 
 # ------------------------------------------------------------------ SASL, the server's side
@@ -201,6 +318,7 @@ class Connection:
     client: asyncio.StreamWriter
     upstream: asyncio.StreamWriter | None = None
     client_id: str | None = None
+    asked: dict[int, tuple[int, int, bytes]] = field(default_factory=dict)  # see _requests
 
 
 @dataclass
@@ -210,6 +328,8 @@ class FrontStats:
     tls_failures: int = 0                                    # handshakes that did not complete
     logins: dict[str, int] = field(default_factory=dict)     # mechanism -> completed
     refused_logins: int = 0
+    requests: dict[tuple[int, int], int] = field(default_factory=dict)  # (api key, version) -> n
+    denied: dict[str, int] = field(default_factory=dict)     # topic or group -> answers denied
 
 
 class KafkaFront:
@@ -224,6 +344,11 @@ class KafkaFront:
         self.users = users  # None: no SASL
         self.mechanisms = mechanisms
         self.keep_client_ids: set[str] = set()
+        # Authorization, as a broker's ACLs refuse a principal: a denied topic's metadata comes
+        # back TOPIC_AUTHORIZATION_FAILED with no partitions, a denied group's coordinator
+        # lookup GROUP_AUTHORIZATION_FAILED.
+        self.denied_topics: set[str] = set()
+        self.denied_groups: set[str] = set()
         self.stats = FrontStats()
         self.connections: set[Connection] = set()
         self.loop = asyncio.new_event_loop()
@@ -310,21 +435,51 @@ class KafkaFront:
             up_reader, conn.upstream = await asyncio.open_connection("127.0.0.1",
                                                                      self.upstream_port)
             if await self._before_requests(conn, reader, up_reader):
-                await asyncio.gather(self._pump(reader, conn.upstream, conn),
-                                     self._pump(up_reader, writer, conn))
+                await asyncio.gather(self._requests(reader, conn),
+                                     self._responses(up_reader, conn))
         except (OSError, asyncio.IncompleteReadError, ssl.SSLError, AuthenticationFailed):
             pass
         finally:
             self._drop(conn)
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    conn: Connection) -> None:
-        while data := await reader.read(65536):
+    async def _requests(self, reader: asyncio.StreamReader, conn: Connection) -> None:
+        """Client to broker, a frame at a time. The requests whose answers may be refused
+        (metadata, coordinator lookups) are remembered by correlation id."""
+        while True:
+            data = await read_frame(reader)
             if conn.client_id not in self.keep_client_ids:
                 await self.flowing.wait()
-            writer.write(data)
-            await writer.drain()
-        writer.transport.abort()
+            api_key, version, correlation, _, body_at = request_header(data)
+            self.stats.requests[(api_key, version)] = \
+                self.stats.requests.get((api_key, version), 0) + 1
+            if api_key in (METADATA, FIND_COORDINATOR):
+                conn.asked[correlation] = (api_key, version, data[body_at:])
+            conn.upstream.write(frame(data))
+            await conn.upstream.drain()
+
+    async def _responses(self, reader: asyncio.StreamReader, conn: Connection) -> None:
+        """Broker to client, a frame at a time, with what the ACLs deny refused."""
+        while True:
+            data = await read_frame(reader)
+            if conn.client_id not in self.keep_client_ids:
+                await self.flowing.wait()
+            asked = conn.asked.pop(struct.unpack_from(">i", data)[0], None)
+            if asked is not None and (self.denied_topics or self.denied_groups):
+                data = self._authorized(*asked, data)
+            conn.client.write(frame(data))
+            await conn.client.drain()
+
+    def _authorized(self, api_key: int, version: int, request: bytes, response: bytes) -> bytes:
+        if api_key == FIND_COORDINATOR:
+            group = coordinator_key(request, version)
+            if group in self.denied_groups:
+                self.stats.denied[group] = self.stats.denied.get(group, 0) + 1
+                return coordinator_refused(response, version)
+            return response
+        response, refused = metadata_without(response, version, self.denied_topics)
+        for topic in refused:
+            self.stats.denied[topic] = self.stats.denied.get(topic, 0) + 1
+        return response
 
     async def _before_requests(self, conn: Connection, reader, up_reader) -> bool:
         """The first request (to learn the client id) and, with SASL, the login; True when

@@ -246,13 +246,13 @@ def test_a_sasl_login_completes_and_the_consumer_stores(protocol, mechanism, kaf
     front = kafka_front_factory(tls=protocol == "SASL_SSL", users={USER: PASSWORD})
     kafka = front_settings(front, kafka_certs, protocol, mechanism)
     topic = new_topic(kafka)
-    producers(kafka, topic).send(100)
+    producers(kafka, topic).send(300)  # >= 256 in a batch: the feed's byte path (transform)
     logins_before = front.stats.logins.get(mechanism, 0)
     result = run_consumer(consumer_env(db, kafka), "--topic", topic, "--group", group_name(),
                           "--stop-at-end")
     assert result.returncode == 0, result.stderr
     assert front.stats.logins.get(mechanism, 0) > logins_before  # the consumer's own logins
-    assert_exact(conn, topic, placed_by_offset(kafka, topic, 100))
+    assert_exact(conn, topic, placed_by_offset(kafka, topic, 300))
     assert PASSWORD not in result.stderr + result.stdout
 
 
@@ -269,3 +269,37 @@ def test_a_wrong_password_is_one_line_and_exit_1(mechanism, kafka_front_factory,
     assert "rejected the credentials" in errors[0] and f"USERNAME={USER}" in errors[0]
     assert front.stats.refused_logins >= 1
     assert wrong not in result.stderr + result.stdout and "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------------ ACLs
+def test_a_topic_the_credentials_may_not_read_is_one_line_and_exit_1(kafka_front_factory,
+                                                                     kafka_certs, db):
+    front = kafka_front_factory(tls=True, users={USER: PASSWORD})
+    kafka = front_settings(front, kafka_certs, "SASL_SSL", "PLAIN")
+    topic = new_topic(kafka)
+    front.denied_topics.add(topic)
+    result = run_consumer(consumer_env(db, kafka), "--topic", topic, "--group", group_name())
+    assert result.returncode == 1, result.stderr
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1, result.stderr
+    assert f"does not allow USERNAME={USER} to use topic {topic}" in errors[0]
+    assert "grant it READ and DESCRIBE on the topic" in errors[0]
+    assert front.stats.denied.get(topic, 0) >= 1  # refused by the ACL, not by anything else
+    assert PASSWORD not in result.stderr + result.stdout and "Traceback" not in result.stderr
+
+
+def test_a_group_the_credentials_may_not_use_is_one_line_and_exit_1(kafka_front_factory,
+                                                                    kafka_certs, db):
+    front = kafka_front_factory(tls=True, users={USER: PASSWORD})
+    kafka = front_settings(front, kafka_certs, "SASL_SSL", "SCRAM-SHA-256")
+    topic = new_topic(kafka)
+    group = group_name()
+    front.denied_groups.add(group)
+    result = run_consumer(consumer_env(db, kafka), "--topic", topic, "--group", group)
+    assert result.returncode == 1, result.stderr
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1, result.stderr
+    assert f"does not allow USERNAME={USER} to use consumer group {group}" in errors[0]
+    assert "grant it READ on the group" in errors[0]
+    assert front.stats.denied.get(group, 0) >= 1
+    assert PASSWORD not in result.stderr + result.stdout and "Traceback" not in result.stderr
