@@ -272,34 +272,23 @@ def test_a_wrong_password_is_one_line_and_exit_1(mechanism, kafka_front_factory,
 
 
 # ------------------------------------------------------------------------ ACLs
-def test_a_topic_the_credentials_may_not_read_is_one_line_and_exit_1(kafka_front_factory,
-                                                                     kafka_certs, db):
+@pytest.mark.parametrize(("denied", "mechanism", "grant"),
+                         [("topic", "PLAIN", "READ and DESCRIBE on the topic"),
+                          ("consumer group", "SCRAM-SHA-256", "READ on the group")])
+def test_a_topic_or_group_the_credentials_may_not_use_is_one_line_and_exit_1(
+        denied, mechanism, grant, kafka_front_factory, kafka_certs, db):
+    """The login succeeds and the broker's ACLs then refuse the topic's metadata or the
+    group's coordinator lookup (an API key or SCRAM user without the grants)."""
     front = kafka_front_factory(tls=True, users={USER: PASSWORD})
-    kafka = front_settings(front, kafka_certs, "SASL_SSL", "PLAIN")
-    topic = new_topic(kafka)
-    front.denied_topics.add(topic)
-    result = run_consumer(consumer_env(db, kafka), "--topic", topic, "--group", group_name())
-    assert result.returncode == 1, result.stderr
-    errors = error_lines(result.stderr)
-    assert len(errors) == 1, result.stderr
-    assert f"does not allow USERNAME={USER} to use topic {topic}" in errors[0]
-    assert "grant it READ and DESCRIBE on the topic" in errors[0]
-    assert front.stats.denied.get(topic, 0) >= 1  # refused by the ACL, not by anything else
-    assert PASSWORD not in result.stderr + result.stdout and "Traceback" not in result.stderr
-
-
-def test_a_group_the_credentials_may_not_use_is_one_line_and_exit_1(kafka_front_factory,
-                                                                    kafka_certs, db):
-    front = kafka_front_factory(tls=True, users={USER: PASSWORD})
-    kafka = front_settings(front, kafka_certs, "SASL_SSL", "SCRAM-SHA-256")
-    topic = new_topic(kafka)
-    group = group_name()
-    front.denied_groups.add(group)
+    kafka = front_settings(front, kafka_certs, "SASL_SSL", mechanism)
+    topic, group = new_topic(kafka), group_name()
+    name = topic if denied == "topic" else group
+    (front.denied_topics if denied == "topic" else front.denied_groups).add(name)
     result = run_consumer(consumer_env(db, kafka), "--topic", topic, "--group", group)
     assert result.returncode == 1, result.stderr
     errors = error_lines(result.stderr)
     assert len(errors) == 1, result.stderr
-    assert f"does not allow USERNAME={USER} to use consumer group {group}" in errors[0]
-    assert "grant it READ on the group" in errors[0]
-    assert front.stats.denied.get(group, 0) >= 1
+    assert f"does not allow USERNAME={USER} to use {denied} {name}" in errors[0]
+    assert f"grant it {grant}" in errors[0]
+    assert front.stats.denied.get(name, 0) >= 1  # refused by the ACL, not by anything else
     assert PASSWORD not in result.stderr + result.stdout and "Traceback" not in result.stderr
