@@ -351,6 +351,20 @@ def after_join(run: Measured, messages: int) -> tuple[float | None, float | None
     return assigned - run.started_at, messages / (run.ended_at - assigned)
 
 
+def floor_after_join(limit: Measured, consumer: Measured, idle: Measured,
+                     cpus: int) -> float | None:
+    """The shortest wall time the consumer's work on the messages allows: nothing is consumed
+    before the group join (the limit's, the shorter), and the CPU that depends on the messages
+    (the consumer's and PostgreSQL's, less what the same consumer spends on an empty topic)
+    cannot take less than its sum over the CPUs."""
+    join, _ = after_join(limit, 1)
+    if join is None or consumer.server_cpu_seconds is None or idle.server_cpu_seconds is None:
+        return None
+    work = (consumer.cpu_seconds - idle.cpu_seconds
+            + consumer.server_cpu_seconds - idle.server_cpu_seconds)
+    return round(join + max(work, 0.0) / cpus, 3)
+
+
 def _tail(log, lines: int = 15) -> str:
     log.seek(0)
     text = log.read().decode("utf-8", "replace").strip().splitlines()[-lines:]
@@ -482,6 +496,10 @@ def main(argv: list[str] | None = None) -> int:
             consumers.append(bench.consumer(topic, args.messages))
             print(line("consumer", consumers[-1], args.messages)
                   + f"  ({bench.stored:,} stored + {bench.rejected:,} rejected)", flush=True)
+        idle = bench.consumer(bench.new_topic(), 0)
+        print(f"  empty     {idle.seconds:7.2f} s  consumer.py on an empty topic: cpu "
+              f"{idle.cpu_seconds:6.2f} s + PostgreSQL {fmt_server_cpu(idle)} (start-up, group "
+              "join, shutdown)", flush=True)
         if args.latency_seconds > 0:
             print(f"latency: {args.latency_rate:,.0f} msg/s for {args.latency_seconds:g} s",
                   flush=True)
@@ -503,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         bench.dbs.drop_all()
 
     limit, cons = best(limits), best(consumers)
+    floor = floor_after_join(limit, cons, idle, info["cpus"])
     limit_rate, consumer_rate = args.messages / limit.seconds, args.messages / cons.seconds
     limit_join, limit_steady = after_join(limit, args.messages)
     consumer_join, consumer_steady = after_join(cons, args.messages)
@@ -532,6 +551,9 @@ def main(argv: list[str] | None = None) -> int:
         "consumer_cpu_seconds": round(cons.cpu_seconds, 3),
         "consumer_server_cpu_seconds": cons.server_cpu_seconds,
         "limit_cpu_seconds": round(limit.cpu_seconds, 3),
+        "consumer_fixed_cpu_seconds": round(idle.cpu_seconds, 3),
+        "consumer_fixed_server_cpu_seconds": idle.server_cpu_seconds,
+        "consumer_cpu_floor_seconds": floor,
         "repeat": args.repeat,
         "cpus": info["cpus"],
         "cpu_busy_before": busy_before,
@@ -547,6 +569,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  after the group join: limit {limit_steady:,.0f} msg/s, consumer "
               f"{consumer_steady:,.0f} msg/s = {figures['consumer_vs_limit_after_join']} "
               "(for information; the targets are whole-process)")
+    if floor:
+        print(f"  CPU of the best consumer run: {cons.cpu_seconds:.2f} s its own + "
+              f"{cons.server_cpu_seconds:.2f} s PostgreSQL's, of which {idle.cpu_seconds:.2f} s "
+              f"+ {idle.server_cpu_seconds:.2f} s do not depend on the messages (an empty "
+              f"topic): at least {floor:.2f} s after the limit's group join on {info['cpus']} "
+              f"CPUs, so at most {limit.seconds / floor:.2f} of this limit without less work "
+              "per message")
     print(f"  consumer peak RSS {figures['consumer_peak_rss_mb']} MB (target <= 250 MB)")
     if latency:
         print(f"  latency at {figures['latency_rate_per_s']:,} msg/s: p50 "
