@@ -28,7 +28,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -483,7 +483,8 @@ def psql_exports() -> str:
     LMNH_PSQL is the psql to run: the embedded wheel's for the local database (same version,
     but built without TLS), the system's (`postgresql-client`) for any other."""
     from settings import load_settings
-    settings = load_settings(read_environment())
+    env = read_environment()
+    settings = load_settings(env)
     local = settings.database is None
     if local:
         settings = resolve(settings, ("postgres",))
@@ -493,8 +494,26 @@ def psql_exports() -> str:
               "PGUSER": db.user, "PGPASSWORD": db.password, "LMNH_DB_LOCAL": "1" if local else "0",
               "LMNH_PSQL": str(psql), "PGAPPNAME": "lmnh-psql",
               "PGOPTIONS": "-c timezone=Europe/London", "PGSSLMODE": db.sslmode,
-              "PGSSLROOTCERT": db.sslrootcert or ""}
+              "PGSSLROOTCERT": psql_root_certificates(db.sslrootcert, env)}
     return "\n".join(f"export {k}={shlex.quote(v)}" for k, v in values.items() if v)
+
+
+# The machine's trusted roots, as one file, where each family of systems keeps them.
+SYSTEM_CA_BUNDLES = ("/etc/ssl/certs/ca-certificates.crt",  # Debian, Ubuntu
+                     "/etc/pki/tls/certs/ca-bundle.crt",    # Amazon Linux, RHEL, Fedora
+                     "/etc/ssl/cert.pem")                    # Alpine, macOS
+
+
+def psql_root_certificates(sslrootcert: str | None, env: Mapping[str, str]) -> str:
+    """PGSSLROOTCERT for psql. DB_SSLROOTCERT=system is libpq 16's name for the machine's
+    trusted roots, which the Python entry points' libpq knows; Debian 12's psql (libpq 15)
+    takes it for a file name and refuses to connect. So psql gets the same roots as a file:
+    SSL_CERT_FILE when set (OpenSSL's own override, which `system` obeys too), else the
+    system's bundle; `system` itself only where no bundle is found (a psql 16+ then knows)."""
+    if sslrootcert != "system":
+        return sslrootcert or ""
+    candidates = [env.get("SSL_CERT_FILE"), *SYSTEM_CA_BUNDLES]
+    return next((c for c in candidates if c and Path(c).is_file()), "system")
 
 
 def client_psql(db: DatabaseSettings) -> Path:
@@ -517,6 +536,11 @@ def client_psql(db: DatabaseSettings) -> Path:
     return _pg_bin() / "psql"
 
 
+# A password file that never exists, so that libpq reads none (os.devnull made it print
+# `WARNING: password file "/dev/null" is not a plain file` before every psql).
+NO_PASSFILE = STATE_DIR / "no-password-file"
+
+
 def _probe(db: DatabaseSettings, sslmode: str) -> bool:
     """Open a connection without a password (nothing secret is sent; the server refuses
     it after the TLS handshake) to see how far it gets. Raises LocalStackError when the
@@ -525,7 +549,7 @@ def _probe(db: DatabaseSettings, sslmode: str) -> bool:
 
     import load
     kwargs = {**db.connect_kwargs(), "sslmode": sslmode, "password": "",
-              "passfile": os.devnull, "gssencmode": "disable"}
+              "passfile": str(NO_PASSFILE), "gssencmode": "disable"}
     try:
         psycopg2.connect(**kwargs).close()
     except psycopg2.OperationalError as exc:

@@ -202,7 +202,8 @@ def _sslmode(env: Mapping[str, str]) -> str:
 
 def _sslrootcert(env: Mapping[str, str]) -> str | None:
     """DB_SSLROOTCERT: a CA bundle file (relative to the project folder, where .env is), or
-    libpq's `system` (the machine's trusted roots; libpq 16+, psql included)."""
+    libpq's `system` (the machine's trusted roots; psql is given them as a file, see
+    localstack.psql_root_certificates)."""
     raw = _get(env, "DB_SSLROOTCERT")
     if raw is None or raw == "system":
         return raw

@@ -168,3 +168,32 @@ def test_psql_env_hands_psql_the_tls_settings_and_the_system_psql(tls_db, s3_set
     assert exports["PGSSLMODE"] == "verify-full"
     assert exports["PGSSLROOTCERT"] == tls_db.sslrootcert
     assert exports["LMNH_PSQL"] != str(localstack._pg_bin() / "psql")
+
+
+@pytest.mark.parametrize("script", ["connect.sh", "reset.sh"])
+def test_sslrootcert_system_reaches_psql_as_the_machines_roots(script, tls_db, s3_settings,
+                                                               kafka_settings):
+    """DB_SSLROOTCERT=system is libpq 16's name for the machine's trusted roots; Debian 12's
+    psql (libpq 15) takes it for a file name. The roots here are the session's CA, made the
+    machine's through OpenSSL's SSL_CERT_FILE (which `system` obeys), so the server verifies
+    only if psql really gets them."""
+    env = tls_env(tls_db, s3_settings, kafka_settings, DB_SSLROOTCERT="system",
+                  SSL_CERT_FILE=tls_db.sslrootcert)
+    argv = {"connect.sh": ["bash", "connect.sh", "-X", "-A", "-t", "-c", SSL_IN_USE],
+            "reset.sh": ["bash", "reset.sh", "-y", "schema.sql"]}[script]
+    result = run(argv, env)
+    assert result.returncode == 0, result.stderr
+    if script == "connect.sh":
+        assert result.stdout.strip() == "t"
+    else:
+        assert f"reset {tls_db.name} on 127.0.0.1" in result.stdout
+    # the probe before psql sends no password and reads no password file, silently
+    assert "password file" not in result.stderr, result.stderr
+
+    exports = run([sys.executable, "localstack.py", "psql-env"], env)
+    assert f"export PGSSLROOTCERT={tls_db.sslrootcert}" in exports.stdout
+
+    # without the session's CA among the machine's roots the same server does not verify
+    refused = run(argv, tls_env(tls_db, s3_settings, kafka_settings, DB_SSLROOTCERT="system"))
+    assert refused.returncode != 0
+    assert "does not verify against DB_SSLROOTCERT=system" in refused.stdout + refused.stderr
