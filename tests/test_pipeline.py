@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from instance_role import InstanceMetadata, SigningRecorder
 
 import extract
 import localstack
@@ -513,6 +514,40 @@ def test_no_keys_goes_through_the_aws_profile_and_never_starts_a_local_s3(
     assert (s3_from_settings.access_key, s3_from_settings.endpoint_url) == (None, None)
     client = extract.make_s3_client(s3_from_settings)
     assert client._request_signer._credentials.get_frozen_credentials().token == token
+
+
+def test_no_keys_on_an_instance_signs_every_s3_request_with_the_instance_role(
+        s3, bucket, s3_settings, db, kafka_settings, conn, monkeypatch, tmp_path, capsys):
+    """On EC2 (where the systemd units run) the keys come from the instance role: boto3 asks
+    the metadata service, IMDSv2 (a session token first; the instance accepts nothing else),
+    and every S3 request, the listing and the object's GET, is signed with the role's
+    temporary key and carries its session token."""
+    seed(s3, bucket, objects=1, rows_per_object=200)
+    metadata, recorder = InstanceMetadata(), SigningRecorder(s3_settings.endpoint_url)
+    try:
+        configure(monkeypatch, {"DB_HOST": db.host, "DB_PORT": str(db.port), "DB_NAME": db.name,
+                                "DB_USER": db.user, "DB_PASS": db.password,
+                                "BOOTSTRAP_SERVERS": kafka_settings.bootstrap_servers,
+                                "AWS_ENDPOINT_URL_S3": recorder.url,
+                                "AWS_EC2_METADATA_SERVICE_ENDPOINT": metadata.url + "/",
+                                "AWS_CONFIG_FILE": str(tmp_path / "none"),
+                                "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none")})
+        monkeypatch.delenv("AWS_EC2_METADATA_DISABLED", raising=False)
+        monkeypatch.setattr(localstack, "STATE_DIR", tmp_path / "local-stack")
+        assert run("-b", bucket) == 0
+    finally:
+        metadata.stop()
+        recorder.stop()
+    assert "1 seen, 1 loaded" in capsys.readouterr().out
+    assert sum(table_counts(conn).values()) == 200
+    assert metadata.log.tokens_issued >= 1 and metadata.log.credentials_served >= 1
+    assert metadata.log.without_token == 0  # never fell back to IMDSv1
+    role = metadata.credentials
+    signed = {(r.access_key, r.token) for r in recorder.log.requests}
+    assert signed == {(role.access_key, role.token)}, recorder.log.requests
+    assert any(r.method == "GET" and r.path.endswith(sample_data.kiosk_key(0))
+               for r in recorder.log.requests)
+    assert not (tmp_path / "local-stack").exists()
 
 
 def test_keys_in_the_settings_travel_with_their_session_token(s3_settings, s3, bucket):
