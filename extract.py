@@ -76,16 +76,21 @@ def make_s3_client(s3: S3Settings):
                             "~/.aws/credentials)") from None
 
 
-def describe_s3_error(exc: Exception, what: str) -> str:
-    """One line for an S3 failure, without the request details boto3 puts in its messages."""
+def describe_s3_error(exc: Exception, what: str, permission: str = "s3:GetObject") -> str:
+    """One line for an S3 failure, without the request details boto3 puts in its messages.
+
+    `permission` is the IAM action the failed call needs: with an instance role or a profile
+    (no keys in the settings) an AccessDenied means that the role's policy lacks it, and
+    "check the keys" would send the reader to keys the machine does not have."""
     if isinstance(exc, botocore.exceptions.ClientError):
         code = exc.response.get("Error", {}).get("Code", "")
+        denied = (f"access denied: the credentials in use (AWS_ACCESS_KEY, or else the instance "
+                  f"role or AWS_PROFILE) need {permission} on it")
         texts = {"NoSuchBucket": "does not exist", "404": "does not exist",
                  "NoSuchKey": "does not exist (deleted after listing?)",
-                 "AccessDenied": "access denied: check AWS_ACCESS_KEY / AWS_SECRET_ACCESS_KEY",
+                 "AccessDenied": denied, "403": denied,
                  "InvalidAccessKeyId": "the access key is not known: check AWS_ACCESS_KEY",
-                 "SignatureDoesNotMatch": "the secret key is wrong: check AWS_SECRET_ACCESS_KEY",
-                 "403": "access denied: check AWS_ACCESS_KEY / AWS_SECRET_ACCESS_KEY"}
+                 "SignatureDoesNotMatch": "the secret key is wrong: check AWS_SECRET_ACCESS_KEY"}
         return f"{what}: {texts.get(code, code or 'S3 error')}"
     if isinstance(exc, botocore.exceptions.EndpointConnectionError):
         return f"{what}: S3 endpoint unreachable ({exc.kwargs.get('endpoint_url', '')})"
@@ -114,7 +119,8 @@ def list_museum_objects(client, bucket: str) -> Listing:
                 else:
                     ignored += 1
     except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
-        raise SourceError(describe_s3_error(exc, f"cannot list bucket {bucket}")) from None
+        raise SourceError(describe_s3_error(exc, f"cannot list bucket {bucket}",
+                                            "s3:ListBucket")) from None
     return Listing(sorted(kiosk, key=_kiosk_order), sorted(exhibitions, key=lambda o: o.key),
                    ignored)
 

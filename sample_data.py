@@ -949,8 +949,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("local stack: %s", redact(first_line(exc), secrets))
         return 1
     except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
-        log.error("%s", redact(describe_s3_error(exc, f"seeding s3://{bucket}"),
-                               secrets))
+        log.error("%s", redact(describe_s3_error(exc, f"seeding s3://{bucket}",
+                                                 "s3:PutObject"), secrets))
         return 1
     log.info("seeded s3://%s: %d kiosk objects of %d rows, %d exhibition files, %d decoys",
              bucket, args.objects, args.rows, len(EXHIBITIONS), len(DECOY_OBJECTS))

@@ -9,7 +9,9 @@ temporary credentials (access key, secret, session token, expiry). boto3 finds i
 `SigningRecorder` sits in front of the local S3 server and passes every request on unchanged,
 noting the access key each was signed with (SigV4's `Credential=`) and the session token it
 carried, so a test can show that the role's credentials, not some other, reached S3. (moto does
-not check signatures, so passing the request on with another Host is harmless.)
+not check signatures, so passing the request on with another Host is harmless.) A path in
+`denied` is answered 403 AccessDenied instead, as S3 answers a role whose policy lacks
+s3:ListBucket (the bucket's path) or s3:GetObject (an object's).
 """
 from __future__ import annotations
 
@@ -118,12 +120,15 @@ class SigningLog:
 
 
 CREDENTIAL = re.compile(r"Credential=([^/,\s]+)/")
+ACCESS_DENIED = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
+                 b"<Message>Access Denied</Message><RequestId>LMNHTEST</RequestId></Error>")
 
 
 class SigningRecorder(_Server):
     def __init__(self, upstream_url: str) -> None:
         upstream = urlsplit(upstream_url)
         self.log = SigningLog()
+        self.denied: set[str] = set()  # paths (without the query) answered AccessDenied
         recorder = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -139,6 +144,9 @@ class SigningRecorder(_Server):
                 recorder.log.requests.append(SignedRequest(
                     self.command, self.path, signed.group(1) if signed else None,
                     self.headers.get("X-Amz-Security-Token")))
+                if urlsplit(self.path).path.rstrip("/") in recorder.denied:
+                    self._refuse()
+                    return
                 conn = http.client.HTTPConnection(upstream.hostname, upstream.port, timeout=30)
                 try:
                     conn.request(self.command, self.path, body=body,
@@ -156,6 +164,14 @@ class SigningRecorder(_Server):
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
+
+            def _refuse(self) -> None:
+                self.send_response(403)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(ACCESS_DENIED)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(ACCESS_DENIED)
 
             do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
 

@@ -516,28 +516,36 @@ def test_no_keys_goes_through_the_aws_profile_and_never_starts_a_local_s3(
     assert client._request_signer._credentials.get_frozen_credentials().token == token
 
 
+@pytest.fixture
+def on_an_instance(s3_settings, db, kafka_settings, monkeypatch, tmp_path):
+    """pipeline.py as on EC2 with an instance role and no keys: an IMDSv2-only metadata service
+    hands out the role's credentials, and S3 is reached through a recorder of what each request
+    was signed with. Yields (metadata service, recorder)."""
+    metadata, recorder = InstanceMetadata(), SigningRecorder(s3_settings.endpoint_url)
+    configure(monkeypatch, {"DB_HOST": db.host, "DB_PORT": str(db.port), "DB_NAME": db.name,
+                            "DB_USER": db.user, "DB_PASS": db.password,
+                            "BOOTSTRAP_SERVERS": kafka_settings.bootstrap_servers,
+                            "AWS_ENDPOINT_URL_S3": recorder.url,
+                            "AWS_EC2_METADATA_SERVICE_ENDPOINT": metadata.url + "/",
+                            "AWS_CONFIG_FILE": str(tmp_path / "none"),
+                            "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none")})
+    monkeypatch.delenv("AWS_EC2_METADATA_DISABLED", raising=False)
+    monkeypatch.setattr(localstack, "STATE_DIR", tmp_path / "local-stack")
+    yield metadata, recorder
+    metadata.stop()
+    recorder.stop()
+    assert not (tmp_path / "local-stack").exists()
+
+
 def test_no_keys_on_an_instance_signs_every_s3_request_with_the_instance_role(
-        s3, bucket, s3_settings, db, kafka_settings, conn, monkeypatch, tmp_path, capsys):
+        on_an_instance, s3, bucket, conn, capsys):
     """On EC2 (where the systemd units run) the keys come from the instance role: boto3 asks
     the metadata service, IMDSv2 (a session token first; the instance accepts nothing else),
     and every S3 request, the listing and the object's GET, is signed with the role's
     temporary key and carries its session token."""
+    metadata, recorder = on_an_instance
     seed(s3, bucket, objects=1, rows_per_object=200)
-    metadata, recorder = InstanceMetadata(), SigningRecorder(s3_settings.endpoint_url)
-    try:
-        configure(monkeypatch, {"DB_HOST": db.host, "DB_PORT": str(db.port), "DB_NAME": db.name,
-                                "DB_USER": db.user, "DB_PASS": db.password,
-                                "BOOTSTRAP_SERVERS": kafka_settings.bootstrap_servers,
-                                "AWS_ENDPOINT_URL_S3": recorder.url,
-                                "AWS_EC2_METADATA_SERVICE_ENDPOINT": metadata.url + "/",
-                                "AWS_CONFIG_FILE": str(tmp_path / "none"),
-                                "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none")})
-        monkeypatch.delenv("AWS_EC2_METADATA_DISABLED", raising=False)
-        monkeypatch.setattr(localstack, "STATE_DIR", tmp_path / "local-stack")
-        assert run("-b", bucket) == 0
-    finally:
-        metadata.stop()
-        recorder.stop()
+    assert run("-b", bucket) == 0
     assert "1 seen, 1 loaded" in capsys.readouterr().out
     assert sum(table_counts(conn).values()) == 200
     assert metadata.log.tokens_issued >= 1 and metadata.log.credentials_served >= 1
@@ -547,7 +555,28 @@ def test_no_keys_on_an_instance_signs_every_s3_request_with_the_instance_role(
     assert signed == {(role.access_key, role.token)}, recorder.log.requests
     assert any(r.method == "GET" and r.path.endswith(sample_data.kiosk_key(0))
                for r in recorder.log.requests)
-    assert not (tmp_path / "local-stack").exists()
+
+
+@pytest.mark.parametrize("refused", ["the listing", "an object"])
+def test_an_s3_permission_the_role_lacks_is_one_line_naming_it(refused, on_an_instance, s3,
+                                                               bucket, conn, caplog):
+    """S3 answers AccessDenied when the role's policy lacks s3:ListBucket on the bucket or
+    s3:GetObject on its objects. The line names the permission, not only keys the machine
+    does not have; a refused object is loaded by the next run once the policy is fixed."""
+    _, recorder = on_an_instance
+    seed(s3, bucket, objects=2, rows_per_object=50)
+    denied, permission = ((f"/{bucket}", "s3:ListBucket") if refused == "the listing"
+                          else (f"/{bucket}/{sample_data.kiosk_key(0)}", "s3:GetObject"))
+    recorder.denied.add(denied)
+    assert run("-b", bucket) == 1
+    [line] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert "access denied" in line and permission in line, line
+    assert "instance role" in line
+    stored_first = sum(table_counts(conn).values())
+    assert stored_first == (0 if refused == "the listing" else 50)
+    recorder.denied.clear()
+    assert run("-b", bucket) == 0
+    assert sum(table_counts(conn).values()) == 100
 
 
 def test_keys_in_the_settings_travel_with_their_session_token(s3_settings, s3, bucket):
