@@ -21,12 +21,15 @@ import logging
 import operator
 import re
 import signal
+import socket
+import ssl
 import sys
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import psycopg2
@@ -321,6 +324,28 @@ def _spans(partitions: np.ndarray, positions: np.ndarray) -> dict[int, tuple[int
     return {int(keys[k]): (int(positions[first[k]]), int(positions[last[k]])) for k in order}
 
 
+def certificate_problem(bootstrap_servers: str, ca_location: str | None,
+                        timeout: float = 5.0) -> str | None:
+    """Why the first bootstrap broker's TLS certificate does not verify, in OpenSSL's words
+    ("Hostname mismatch, …", "unable to get local issuer certificate"), checked as librdkafka
+    checks it (its CA, or the system's store; the host name as given); None when it verifies
+    or the broker cannot be reached."""
+    host, _, port = bootstrap_servers.split(",")[0].strip().rpartition(":")
+    host = host.strip("[]")
+    try:
+        if ca_location and Path(ca_location).is_dir():
+            context = ssl.create_default_context(capath=ca_location)
+        else:
+            context = ssl.create_default_context(cafile=ca_location or None)
+        with socket.create_connection((host, int(port)), timeout) as raw, \
+                context.wrap_socket(raw, server_hostname=host):
+            return None
+    except ssl.SSLCertVerificationError as exc:
+        return exc.verify_message
+    except (OSError, ValueError):
+        return None
+
+
 def _librdkafka_logger() -> logging.Logger:
     logger = logging.getLogger("librdkafka")
     if not any(isinstance(f, OneLinePerOutage) for f in logger.filters):
@@ -429,7 +454,8 @@ class KioskConsumer:
         elif code in FATAL_KAFKA_CODES or error.fatal():
             self._stop_for(f"Kafka refused us: {error.str()}")
         elif code in REFUSED_KAFKA_CODES and not self.broker_connected:
-            self._stop_for(self._refusal(error))
+            if self.fatal is None:  # the first says why (its TLS check makes a connection)
+                self._stop_for(self._refusal(error))
         elif code in OUTAGE_KAFKA_CODES:
             self._broker_lost(error.str())
         else:
@@ -445,13 +471,24 @@ class KioskConsumer:
         settings that decide it (the password is never part of librdkafka's message)."""
         kafka = self.settings.kafka
         if error.code() == KafkaError._SSL:
-            return (f"TLS with the Kafka broker at {kafka.bootstrap_servers} failed before any "
-                    f"connection completed: {error.str()}; check SSL_CA_LOCATION "
-                    f"({kafka.ca_location or 'unset: the system CA store'}) and "
-                    f"SECURITY_PROTOCOL={kafka.security_protocol}")
+            return self._tls_refusal(error)
         return (f"the Kafka broker at {kafka.bootstrap_servers} rejected the credentials: "
                 f"{error.str()}; check USERNAME={kafka.username}, PASSWORD and "
                 f"SASL_MECHANISM={kafka.sasl_mechanism}")
+
+    def _tls_refusal(self, error: KafkaError) -> str:
+        """librdkafka says "verify that ssl.ca.location is correctly configured" whatever
+        failed; one handshake of Python's own says whether it was the CA or the host name."""
+        kafka = self.settings.kafka
+        head = (f"TLS with the Kafka broker at {kafka.bootstrap_servers} failed before any "
+                "connection completed: ")
+        why = certificate_problem(kafka.bootstrap_servers, kafka.ca_location)
+        if why is not None and "mismatch" in why:
+            return (head + f"its certificate, from a trusted CA, is not for the host named in "
+                    f"BOOTSTRAP_SERVERS ({why}); name the broker there as its certificate does")
+        return (head + f"{error.str()}; check SSL_CA_LOCATION "
+                f"({kafka.ca_location or 'unset: the system CA store'}) and "
+                f"SECURITY_PROTOCOL={kafka.security_protocol}")
 
     def _forbidden(self, error: KafkaError) -> str:
         """An ACL refusal as one line naming the principal and what it needs: on a managed

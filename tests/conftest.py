@@ -298,12 +298,15 @@ def tls_db(tls_postgres) -> DatabaseSettings:
 
 @pytest.fixture(scope="session")
 def kafka_certs(tmp_path_factory) -> dict[str, str]:
-    """Made with openssl: a private CA and a server certificate it signed for 127.0.0.1, and
-    another CA with a server certificate of its own (what the clients must not trust)."""
+    """Made with openssl: a private CA and a server certificate it signed for 127.0.0.1, one it
+    signed for another host only (a certificate the clients must not take for the broker's),
+    and another CA with a server certificate of its own (what the clients must not trust)."""
     where = tmp_path_factory.mktemp("kafka-certs")
     ca = kafka_front.make_ca(where, "kafka-ca")
     other = kafka_front.make_ca(where, "other-ca")
     return {"ca": ca[1], "server": kafka_front.make_server_cert(where, ca, "broker"),
+            "other_host": kafka_front.make_server_cert(where, ca, "elsewhere",
+                                                       "DNS:kafka.example.org"),
             "other_ca": other[1],
             "wrong_server": kafka_front.make_server_cert(where, other, "impostor")}
 

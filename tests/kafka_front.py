@@ -543,14 +543,16 @@ def make_ca(directory, name: str) -> tuple[str, str]:
     return key, cert
 
 
-def make_server_cert(directory, ca: tuple[str, str], name: str) -> tuple[str, str]:
-    """A server certificate for 127.0.0.1 and localhost (subjectAltName), signed by `ca`."""
+def make_server_cert(directory, ca: tuple[str, str], name: str,
+                     names: str = "IP:127.0.0.1,DNS:localhost") -> tuple[str, str]:
+    """A server certificate for `names` (its subjectAltName: by default 127.0.0.1 and
+    localhost), signed by `ca`."""
     import subprocess
     key, csr, cert = (f"{directory}/{name}.key", f"{directory}/{name}.csr",
                       f"{directory}/{name}.pem")
     ext = f"{directory}/{name}.ext"
     with open(ext, "w") as out:
-        out.write("subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+        out.write(f"subjectAltName={names}\n"
                   "extendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n")
     subprocess.run(["openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
                     "-nodes", "-keyout", key, "-out", csr, "-subj", "/CN=localhost"],

@@ -156,6 +156,25 @@ def test_a_wrong_ca_at_start_is_one_line_and_exit_1(kafka_front_factory, kafka_c
     assert "Traceback" not in result.stderr
 
 
+def test_a_certificate_for_another_host_is_refused_in_one_line(kafka_front_factory, kafka_certs,
+                                                               db):
+    """Signed by the trusted CA, but for kafka.example.org, not the address in
+    BOOTSTRAP_SERVERS: the host name is verified (librdkafka's
+    ssl.endpoint.identification.algorithm=https, never switched off here)."""
+    front = kafka_front_factory(tls=True)
+    front.serve_certificate(kafka_front.server_context(kafka_certs["other_host"]))
+    kafka = front_settings(front, kafka_certs)
+    result = run_consumer(consumer_env(db, kafka), "--topic", "lmnh-unused")
+    assert result.returncode == 1, result.stderr
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1, result.stderr
+    # named for what it is: librdkafka's own words point at ssl.ca.location, which is right
+    assert "is not for the host named in BOOTSTRAP_SERVERS" in errors[0], errors[0]
+    assert "mismatch" in errors[0] and "SSL_CA_LOCATION" not in errors[0]
+    assert front.stats.tls_failures >= 1
+    assert "Traceback" not in result.stderr
+
+
 def test_failed_handshakes_and_refused_connections_after_storing_are_waited_out(
         kafka_front_factory, kafka_certs, db, conn, spawn, producers):  # noqa: F811
     """A broker that served the right certificate, then another CA's (a rolled broker behind a
