@@ -128,6 +128,23 @@ def test_a_ca_that_did_not_sign_the_server_is_one_line_and_exit_1(
     assert tls_db.password not in output
 
 
+@pytest.mark.parametrize("entry_point", list(ENTRY_POINTS))
+def test_a_certificate_for_another_host_is_one_line_and_exit_1(entry_point, tls_db, s3_settings,
+                                                                kafka_settings):
+    """verify-full checks the host name too: DB_HOST names a host the certificate (from the
+    trusted CA, for 127.0.0.1 and localhost) is not for. libpq's PGHOSTADDR reaches the same
+    server, as a DNS alias or a private endpoint would."""
+    env = tls_env(tls_db, s3_settings, kafka_settings, DB_HOST="pg.museum.example",
+                  PGHOSTADDR="127.0.0.1")
+    result = run(ENTRY_POINTS[entry_point], env)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "Traceback" not in output
+    [line] = error_lines(result)
+    assert "server certificate is not for DB_HOST=pg.museum.example" in line, line
+    assert tls_db.password not in output
+
+
 def test_the_server_refuses_plaintext(tls_db, s3_settings, kafka_settings):
     """The fixture is TLS-only, as RDS with rds.force_ssl=1: without encryption no login."""
     plain = {**tls_db.connect_kwargs(), "sslmode": "disable"}
