@@ -497,7 +497,7 @@ class KioskConsumer:
         user = self.settings.kafka.username
         who = f"USERNAME={user}" if user else "this client (no SASL user)"
         if error.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED:
-            what, grant = f"topic {self.topic}", "READ and DESCRIBE on the topic"
+            what, grant = f"topic {self.topic}", "READ on the topic"
         else:
             what, grant = f"consumer group {self.group}", "READ on the group"
         return (f"the Kafka broker does not allow {who} to use {what}: {error.str()}; "

@@ -292,7 +292,7 @@ def test_a_wrong_password_is_one_line_and_exit_1(mechanism, kafka_front_factory,
 
 # ------------------------------------------------------------------------ ACLs
 @pytest.mark.parametrize(("denied", "mechanism", "grant"),
-                         [("topic", "PLAIN", "READ and DESCRIBE on the topic"),
+                         [("topic", "PLAIN", "READ on the topic"),
                           ("consumer group", "SCRAM-SHA-256", "READ on the group")])
 def test_a_topic_or_group_the_credentials_may_not_use_is_one_line_and_exit_1(
         denied, mechanism, grant, kafka_front_factory, kafka_certs, db):
