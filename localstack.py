@@ -512,8 +512,9 @@ def psql_root_certificates(sslrootcert: str | None, env: Mapping[str, str]) -> s
     system's bundle; `system` itself only where no bundle is found (a psql 16+ then knows)."""
     if sslrootcert != "system":
         return sslrootcert or ""
-    candidates = [env.get("SSL_CERT_FILE"), *SYSTEM_CA_BUNDLES]
-    return next((c for c in candidates if c and Path(c).is_file()), "system")
+    if env.get("SSL_CERT_FILE"):
+        return env["SSL_CERT_FILE"]
+    return next((bundle for bundle in SYSTEM_CA_BUNDLES if Path(bundle).is_file()), "system")
 
 
 def client_psql(db: DatabaseSettings) -> Path:

@@ -257,7 +257,8 @@ def test_leaving_the_group_is_not_held_up_by_a_broker_that_does_not_answer(
 
 
 # ------------------------------------------------------------------------ SASL
-@pytest.mark.parametrize(("protocol", "mechanism"), [("SASL_SSL", "PLAIN"),
+@pytest.mark.parametrize(("protocol", "mechanism"), [("SASL_SSL", "PLAIN"),        # Confluent
+                                                     ("SASL_SSL", "SCRAM-SHA-512"),  # MSK
                                                      ("SASL_SSL", "SCRAM-SHA-256"),
                                                      ("SASL_PLAINTEXT", "SCRAM-SHA-512")])
 def test_a_sasl_login_completes_and_the_consumer_stores(protocol, mechanism, kafka_front_factory,
