@@ -94,7 +94,7 @@ def tls_hint(db: DatabaseSettings, libpq_message: str) -> str:
     """What a TLS failure of libpq means in the project's settings ("" for other failures)."""
     if "certificate verify failed" in libpq_message:
         return (f"server certificate does not verify against "
-                f"DB_SSLROOTCERT={db.sslrootcert or '(unset)'}: ")
+                f"DB_SSLROOTCERT={db.roots()}: ")
     if "does not match host name" in libpq_message:
         return f"server certificate is not for DB_HOST={db.host} (DB_SSLMODE={db.sslmode}): "
     if "root certificate file" in libpq_message:

@@ -28,7 +28,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -483,8 +483,7 @@ def psql_exports() -> str:
     LMNH_PSQL is the psql to run: the embedded wheel's for the local database (same version,
     but built without TLS), the system's (`postgresql-client`) for any other."""
     from settings import load_settings
-    env = read_environment()
-    settings = load_settings(env)
+    settings = load_settings(read_environment())
     local = settings.database is None
     if local:
         settings = resolve(settings, ("postgres",))
@@ -494,27 +493,8 @@ def psql_exports() -> str:
               "PGUSER": db.user, "PGPASSWORD": db.password, "LMNH_DB_LOCAL": "1" if local else "0",
               "LMNH_PSQL": str(psql), "PGAPPNAME": "lmnh-psql",
               "PGOPTIONS": "-c timezone=Europe/London", "PGSSLMODE": db.sslmode,
-              "PGSSLROOTCERT": psql_root_certificates(db.sslrootcert, env)}
+              "PGSSLROOTCERT": db.sslrootcert or ""}
     return "\n".join(f"export {k}={shlex.quote(v)}" for k, v in values.items() if v)
-
-
-# The machine's trusted roots, as one file, where each family of systems keeps them.
-SYSTEM_CA_BUNDLES = ("/etc/ssl/certs/ca-certificates.crt",  # Debian, Ubuntu
-                     "/etc/pki/tls/certs/ca-bundle.crt",    # Amazon Linux, RHEL, Fedora
-                     "/etc/ssl/cert.pem")                    # Alpine, macOS
-
-
-def psql_root_certificates(sslrootcert: str | None, env: Mapping[str, str]) -> str:
-    """PGSSLROOTCERT for psql. DB_SSLROOTCERT=system is libpq 16's name for the machine's
-    trusted roots, which the Python entry points' libpq knows; Debian 12's psql (libpq 15)
-    takes it for a file name and refuses to connect. So psql gets the same roots as a file:
-    SSL_CERT_FILE when set (OpenSSL's own override, which `system` obeys too), else the
-    system's bundle; `system` itself only where no bundle is found (a psql 16+ then knows)."""
-    if sslrootcert != "system":
-        return sslrootcert or ""
-    if env.get("SSL_CERT_FILE"):
-        return env["SSL_CERT_FILE"]
-    return next((bundle for bundle in SYSTEM_CA_BUNDLES if Path(bundle).is_file()), "system")
 
 
 def client_psql(db: DatabaseSettings) -> Path:

@@ -40,7 +40,8 @@ class DatabaseSettings:
     user: str
     password: str = field(default="", repr=False)
     sslmode: str = DEFAULT_SSL_MODE
-    sslrootcert: str | None = None  # a CA bundle (absolute path) or libpq's "system"
+    sslrootcert: str | None = None  # a CA bundle (absolute path)
+    system_roots: bool = False  # DB_SSLROOTCERT=system: sslrootcert is the machine's bundle
 
     def connect_kwargs(self) -> dict:
         """libpq parameters. A server that vanished without closing the connection (a host
@@ -62,6 +63,12 @@ class DatabaseSettings:
         (libpq then behaves as verify-ca)."""
         return self.sslmode.startswith("verify") or (self.sslmode == "require"
                                                      and self.sslrootcert is not None)
+
+    def roots(self) -> str:
+        """DB_SSLROOTCERT as the messages name it."""
+        if self.sslrootcert is None:
+            return "(unset)"
+        return f"system ({self.sslrootcert})" if self.system_roots else self.sslrootcert
 
     def describe(self) -> str:
         """Where the database is, for logs: never includes the password."""
@@ -200,22 +207,56 @@ def _sslmode(env: Mapping[str, str]) -> str:
     return raw.lower()
 
 
-def _sslrootcert(env: Mapping[str, str]) -> str | None:
+def _sslrootcert(env: Mapping[str, str], sslmode: str) -> tuple[str | None, bool]:
     """DB_SSLROOTCERT: a CA bundle file (relative to the project folder, where .env is), or
-    libpq's `system` (the machine's trusted roots; psql is given them as a file, see
-    localstack.psql_root_certificates)."""
+    `system` for the machine's trusted roots; (the file, whether it was `system`)."""
     raw = _get(env, "DB_SSLROOTCERT")
-    if raw is None or raw == "system":
-        return raw
+    if raw is None:
+        return None, False
+    if raw == "system":
+        return _system_roots(env, sslmode), True
     path = PROJECT_DIR / Path(raw).expanduser()
     if not path.is_file():
         raise SettingsError(f"DB_SSLROOTCERT names {raw}, which is not a file (a CA bundle "
                             "such as the RDS global-bundle.pem)")
-    return str(path)
+    return str(path), False
+
+
+# The machine's trusted roots as one file, where each family of systems keeps them.
+SYSTEM_CA_BUNDLES = ("/etc/ssl/certs/ca-certificates.crt",  # Debian, Ubuntu
+                     "/etc/pki/tls/certs/ca-bundle.crt",    # Amazon Linux, RHEL, Fedora
+                     "/etc/ssl/cert.pem")                    # Alpine, macOS
+
+
+def _system_roots(env: Mapping[str, str], sslmode: str) -> str:
+    """DB_SSLROOTCERT=system as a file. libpq 16+ knows the word but looks where its own
+    OpenSSL was built to look: psycopg2-binary's bundled OpenSSL looks in its build folder
+    (/host/tmp/libpq.build), where nothing is, and Debian 12's psql (libpq 15) takes the word
+    for a file name. So the file is found here, where OpenSSL on this machine finds it:
+    SSL_CERT_FILE, else the system's bundle. As libpq requires for `system`, DB_SSLMODE must
+    be verify-full: with every public CA trusted, only the host name says whose certificate
+    it is."""
+    if sslmode != "verify-full":
+        raise SettingsError(f"DB_SSLROOTCERT=system needs DB_SSLMODE=verify-full, got {sslmode} "
+                            "(with every public CA trusted, only the host name check says the "
+                            "certificate is the server's)")
+    named = _get(env, "SSL_CERT_FILE")
+    if named is not None:
+        if not Path(named).is_file():
+            raise SettingsError(f"DB_SSLROOTCERT=system: SSL_CERT_FILE names {named}, which is "
+                                "not a file")
+        return named
+    found = next((bundle for bundle in SYSTEM_CA_BUNDLES if Path(bundle).is_file()), None)
+    if found is None:
+        raise SettingsError("DB_SSLROOTCERT=system: no CA bundle of this machine's at "
+                            f"{', '.join(SYSTEM_CA_BUNDLES)}; install the ca-certificates "
+                            "package, or name the bundle in DB_SSLROOTCERT or SSL_CERT_FILE")
+    return found
 
 
 def _database(env: Mapping[str, str]) -> DatabaseSettings | None:
-    sslmode, sslrootcert = _sslmode(env), _sslrootcert(env)
+    sslmode = _sslmode(env)
+    sslrootcert, system_roots = _sslrootcert(env, sslmode)
     host = _get(env, "DB_HOST")
     if host is None:
         others = [n for n in ("DB_USER", "DB_PASS") if _get(env, n)]
@@ -229,7 +270,7 @@ def _database(env: Mapping[str, str]) -> DatabaseSettings | None:
     return DatabaseSettings(host=host, port=_port(env, "DB_PORT", 5432),
                             name=_get(env, "DB_NAME") or DEFAULT_DB_NAME, user=user,
                             password=env.get("DB_PASS") or "", sslmode=sslmode,
-                            sslrootcert=sslrootcert)
+                            sslrootcert=sslrootcert, system_roots=system_roots)
 
 
 def _s3(env: Mapping[str, str], credential_chain: bool) -> S3Settings | None:

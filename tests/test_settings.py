@@ -113,8 +113,29 @@ def test_tls_settings_reach_every_connection_with_libpqs_default(tmp_path):
     assert strict.connect_kwargs()["sslrootcert"] == str(bundle)
     assert strict.verifies_server() and not plain.verifies_server()
     system = load_settings({"DB_HOST": "h", "DB_USER": "u", "DB_SSLMODE": "verify-full",
-                            "DB_SSLROOTCERT": "system"}).database
-    assert system.connect_kwargs()["sslrootcert"] == "system"
+                            "DB_SSLROOTCERT": "system", "SSL_CERT_FILE": str(bundle)}).database
+    assert system.connect_kwargs()["sslrootcert"] == str(bundle)
+    assert system.roots() == f"system ({bundle})"
+
+
+def test_sslrootcert_system_is_the_machines_bundle_file(tmp_path, monkeypatch):
+    """libpq's own `system` looks where its OpenSSL was built to look: psycopg2-binary's looks
+    in a build folder where nothing is, so the settings name the machine's bundle file."""
+    import settings
+    bundle = tmp_path / "ca-certificates.crt"
+    bundle.write_text("-----BEGIN CERTIFICATE-----\n")
+    monkeypatch.setattr(settings, "SYSTEM_CA_BUNDLES", (str(tmp_path / "absent.crt"), str(bundle)))
+    env = {"DB_HOST": "h", "DB_USER": "u", "DB_SSLMODE": "verify-full", "DB_SSLROOTCERT": "system"}
+    db = load_settings(env).database
+    assert (db.sslrootcert, db.system_roots) == (str(bundle), True)
+    monkeypatch.setattr(settings, "SYSTEM_CA_BUNDLES", (str(tmp_path / "absent.crt"),))
+    with pytest.raises(SettingsError, match="DB_SSLROOTCERT=system: no CA bundle of this machine"):
+        load_settings(env)
+    with pytest.raises(SettingsError, match="SSL_CERT_FILE names /nowhere.crt, which is not a file"):
+        load_settings({**env, "SSL_CERT_FILE": "/nowhere.crt"})
+    with pytest.raises(SettingsError, match="DB_SSLROOTCERT=system needs DB_SSLMODE=verify-full, "
+                                            "got require"):
+        load_settings({**env, "DB_SSLMODE": "require", "SSL_CERT_FILE": str(bundle)})
 
 
 def test_the_local_stack_stands_in_only_when_nothing_is_configured():

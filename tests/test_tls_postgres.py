@@ -188,8 +188,8 @@ def test_psql_env_hands_psql_the_tls_settings_and_the_system_psql(tls_db, s3_set
 
 
 @pytest.mark.parametrize("script", ["connect.sh", "reset.sh"])
-def test_sslrootcert_system_reaches_psql_as_the_machines_roots(script, tls_db, s3_settings,
-                                                               kafka_settings):
+def test_sslrootcert_system_reaches_psql_as_the_machines_roots(script, tls_postgres, tls_db,
+                                                               s3_settings, kafka_settings):
     """DB_SSLROOTCERT=system is libpq 16's name for the machine's trusted roots; Debian 12's
     psql (libpq 15) takes it for a file name. The roots here are the session's CA, made the
     machine's through OpenSSL's SSL_CERT_FILE (which `system` obeys), so the server verifies
@@ -210,7 +210,31 @@ def test_sslrootcert_system_reaches_psql_as_the_machines_roots(script, tls_db, s
     exports = run([sys.executable, "localstack.py", "psql-env"], env)
     assert f"export PGSSLROOTCERT={tls_db.sslrootcert}" in exports.stdout
 
-    # without the session's CA among the machine's roots the same server does not verify
-    refused = run(argv, tls_env(tls_db, s3_settings, kafka_settings, DB_SSLROOTCERT="system"))
-    assert refused.returncode != 0
-    assert "does not verify against DB_SSLROOTCERT=system" in refused.stdout + refused.stderr
+    # with roots that do not include the session's CA the same server does not verify
+    refused = run(argv, tls_env(tls_db, s3_settings, kafka_settings, DB_SSLROOTCERT="system",
+                                SSL_CERT_FILE=str(tls_postgres["wrong_ca"])))
+    assert refused.returncode == 1
+    assert "does not verify against DB_SSLROOTCERT=system (" in refused.stdout + refused.stderr
+
+
+def test_sslrootcert_system_is_the_machines_bundle_for_the_python_entry_points(
+        tls_db, s3, bucket, s3_settings, kafka_settings, monkeypatch, capsys):
+    """psycopg2-binary's own OpenSSL looks for the machine's roots in the folder it was built
+    in (/host/tmp/libpq.build), so libpq's `system` alone trusts nothing there; the settings
+    hand libpq the machine's bundle file instead. The machine's bundle is the session's CA
+    here (SSL_CERT_FILE unset)."""
+    import pipeline
+    import settings
+    monkeypatch.setattr(settings, "SYSTEM_CA_BUNDLES", ("/nonexistent/ca.crt", tls_db.sslrootcert))
+    for key, value in tls_env(tls_db, s3_settings, kafka_settings, DB_SSLROOTCERT="system",
+                              BUCKET=bucket).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    conn = load.connect(tls_db)
+    try:
+        load.apply_schema(conn, settings.SCHEMA_FILE.read_text())
+    finally:
+        conn.close()
+    sample_data.seed_bucket(s3, bucket, objects=1, rows=50, seed=5)
+    assert pipeline.main(["--no-progress"]) == 0
+    assert "1 seen, 1 loaded" in capsys.readouterr().out
