@@ -312,3 +312,27 @@ def test_a_topic_or_group_the_credentials_may_not_use_is_one_line_and_exit_1(
     assert f"grant it {grant}" in errors[0]
     assert front.stats.denied.get(name, 0) >= 1  # refused by the ACL, not by anything else
     assert PASSWORD not in result.stderr + result.stdout and "Traceback" not in result.stderr
+
+
+def test_a_group_access_revoked_while_running_ends_the_consumer_with_nothing_lost(
+        kafka_front_factory, kafka_certs, db, conn, spawn, producers):  # noqa: F811
+    """The group's grant is revoked while the consumer runs. Its next coordinator lookup (the
+    connections cut, as when a broker rolls) is refused: one ERROR line naming the group,
+    exit 1, and what it had stored stays exactly once."""
+    front = kafka_front_factory(tls=True, users={USER: PASSWORD})
+    front.keep_client_ids.add(PRODUCER_ID)
+    kafka = front_settings(front, kafka_certs, "SASL_SSL", "SCRAM-SHA-512")
+    topic, group = new_topic(kafka), group_name()
+    producers(kafka, topic).send(200)
+    proc = spawn("--topic", topic, "--group", group, env=consumer_env(db, kafka))
+    wait_for(lambda: progress(conn, topic) == 200, 60, "the first 200 stored", proc)
+
+    front.denied_groups.add(group)
+    front.refuse()
+    front.serve()
+    assert proc.wait(60) == 1, log_text(proc)
+    errors = [line for line in log_text(proc).splitlines() if " ERROR " in line]
+    assert len(errors) == 1, errors
+    assert f"does not allow USERNAME={USER} to use consumer group {group}" in errors[0]
+    assert front.stats.denied.get(group, 0) >= 1
+    assert_exact(conn, topic, placed_by_offset(kafka, topic, 200))
