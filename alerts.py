@@ -24,6 +24,7 @@ from __future__ import annotations
 import email.utils
 import json
 import logging
+import ssl
 import threading
 import time
 import urllib.error
@@ -258,6 +259,11 @@ def _post_once(url: str, body: bytes, timeout: float) -> int:
         reason = exc.reason
         if isinstance(reason, TimeoutError):
             raise DeliveryFailed(f"no answer within {timeout:g} s") from None
+        if isinstance(reason, ssl.SSLCertVerificationError):
+            raise DeliveryFailed(
+                f"the webhook's TLS certificate does not verify ({reason.verify_message}): a "
+                "TLS-inspecting proxy's CA must be among the machine's roots (SSL_CERT_FILE)") \
+                from None
         text = reason.strerror if isinstance(reason, OSError) and reason.strerror else type(reason).__name__
         raise DeliveryFailed(str(text)) from None
     except (OSError, ValueError) as exc:  # connection reset, bad status line...

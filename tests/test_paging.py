@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import threading
 import time
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import kafka_front
 import pytest
 import test_consumer
 from test_alerts import LONDON, NAMES, TOKEN, WHOLE_DAY, event, free_port, scrape
@@ -39,7 +41,7 @@ class Receiver:
     """A webhook on a free local port. `answer(method, path, body)` -> (status, headers);
     every request (GETs too) is recorded with its answer and the moment it came."""
 
-    def __init__(self, answer=None):
+    def __init__(self, answer=None, tls: ssl.SSLContext | None = None):
         self.requests: list[dict] = []
         self.lock = threading.Lock()
         self.answer = answer or (lambda method, path, body: (200, {}))
@@ -67,7 +69,10 @@ class Receiver:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.base = f"http://127.0.0.1:{self.server.server_port}"
+        if tls is not None:  # HTTPS, as Slack and Teams serve their webhooks
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        scheme = "https" if tls is not None else "http"
+        self.base = f"{scheme}://127.0.0.1:{self.server.server_port}"
         self.url = self.base + HOOK
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
@@ -88,8 +93,8 @@ class Receiver:
 def make_receiver():
     made: list[Receiver] = []
 
-    def make(answer=None) -> Receiver:
-        made.append(Receiver(answer))
+    def make(answer=None, tls: ssl.SSLContext | None = None) -> Receiver:
+        made.append(Receiver(answer, tls))
         return made[-1]
 
     yield make
@@ -202,6 +207,28 @@ def test_the_test_alert_says_whether_the_channel_accepted_it(make_receiver, monk
     monkeypatch.setenv("ALERT_WEBHOOK_FORMAT", "msteams")
     assert run_consumer_in_process("--test-alert") == 2
     assert "ALERT_WEBHOOK_FORMAT must be one of json, slack, teams, got 'msteams'" in caplog.text
+
+
+def test_the_test_alert_reaches_an_https_webhook_and_names_a_certificate_that_fails(
+        make_receiver, kafka_certs, monkeypatch, caplog):
+    """Slack and Teams webhooks are HTTPS. The alert completes a TLS handshake with a receiver
+    whose certificate comes from a private CA (a TLS-inspecting proxy's, say) once that CA is
+    among the machine's roots (SSL_CERT_FILE, which Python's TLS obeys); with other roots the
+    one line says the certificate does not verify and where the CA goes."""
+    receiver = make_receiver(tls=kafka_front.server_context(kafka_certs["server"]))
+    monkeypatch.setenv("ALERT_WEBHOOK_URL", receiver.url)
+    monkeypatch.setenv("SSL_CERT_FILE", kafka_certs["ca"])
+    assert run_consumer_in_process("--test-alert") == 0
+    [raw] = receiver.seen("POST")
+    assert json.loads(raw["body"])["text"].startswith("TEST ALERT")
+    caplog.clear()
+    monkeypatch.setenv("SSL_CERT_FILE", kafka_certs["other_ca"])
+    assert run_consumer_in_process("--test-alert") == 1
+    [line] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert line.startswith(f"test alert NOT accepted by {receiver.base} (json format): the "
+                           "webhook's TLS certificate does not verify"), line
+    assert "SSL_CERT_FILE" in line and TOKEN not in line
+    assert len(receiver.seen("POST")) == 1  # the refused handshake carried no alert
 
 
 # --------------------------------------------------------------------------- redirects
