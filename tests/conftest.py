@@ -8,7 +8,9 @@ this session started them.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -105,11 +107,20 @@ def conn(db):
     connection.close()
 
 
+def server_home(prefix: str) -> Path:
+    """A folder for a PostgreSQL server that runs as the system user (as root): outside
+    pytest's temporary folders, because any other pytest session starting on the machine sets
+    /tmp/pytest-of-<user> back to mode 700 and so locks the server's user out of its own data
+    (`pg_ctl stop`: Permission denied). The caller removes it."""
+    return Path(tempfile.mkdtemp(prefix=prefix))
+
+
 @pytest.fixture
-def private_pg(tmp_path):
+def private_pg():
     """A PostgreSQL server of this test's own, with the schema, which the test may stop and
     start (localstack.pg_control) without disturbing any other test; yields (info, settings)."""
-    state_dir = tmp_path / "stack"
+    home = server_home("lmnh-test-pg-")
+    state_dir = home / "stack"
     try:
         info = localstack.up(("postgres",), state_dir=state_dir)["postgres"]
         db = localstack.database_settings(info)
@@ -119,6 +130,7 @@ def private_pg(tmp_path):
         yield info, db
     finally:
         localstack.down(state_dir)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -229,7 +241,7 @@ def _debian_pg_ctl(bin_dir: Path, data: Path, user: str | None, *args: str
 
 
 @pytest.fixture(scope="session")
-def tls_postgres(tmp_path_factory):
+def tls_postgres():
     """A PostgreSQL that accepts only TLS (`hostssl` lines only, scram-sha-256), with a server
     certificate signed by a CA this session makes; run as a system user, never as a Debian
     cluster (no pg_ctlcluster, nothing started at boot). Yields a dict: `admin`
@@ -242,7 +254,7 @@ def tls_postgres(tmp_path_factory):
         if os.environ.get("CI"):  # .ci/run installs it: missing there is a failure
             pytest.fail(why)
         pytest.skip(why)
-    home = tmp_path_factory.mktemp("tls-pg")
+    home = server_home("lmnh-tls-pg-")
     certs = home / "certs"
     ca = make_ca(certs, "ca")
     wrong_ca = make_ca(home / "other", "wrong-ca")   # a CA that never signed the server
@@ -277,6 +289,7 @@ def tls_postgres(tmp_path_factory):
         yield {"admin": admin, "ca": ca, "wrong_ca": wrong_ca, "log": log}
     finally:
         _debian_pg_ctl(bin_dir, data, user, "-m", "fast", "-w", "stop")
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture
