@@ -60,7 +60,7 @@ report: install
 
 # benchmarks on the local stack (bench/README.md): each figure a ratio against a limit measured
 # in the same run, the sides interleaved; batch at 1M and 5M rows (best of 3), stream at 1M
-# messages (best of 2) with the latency run; takes about 5 minutes
+# messages (best of 2) with the latency run; takes 2-5 minutes
 bench: install
 	$(LOCAL) $(PY) bench/batch.py --rows 1000000 --repeat 3 --baseline-rounds 1
 	$(LOCAL) $(PY) bench/batch.py --rows 5000000 --repeat 3 --skip-baseline
