@@ -84,6 +84,7 @@ class Webhook:
     url: str = field(repr=False)  # a secret: Slack and Teams put a token in it
     format: str = "json"
     zone: str = "Europe/London"    # the local time a Teams card shows
+    ca_file: str | None = None     # the roots its HTTPS certificate must verify against
 
 
 @dataclass(frozen=True)
@@ -222,16 +223,24 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 
 _OPENER = urllib.request.build_opener(_NoRedirect)
+
+
+def _opener(ca_file: str | None) -> urllib.request.OpenerDirector:
+    """The default roots unless SSL_CERT_FILE was set in .env or the environment."""
+    if ca_file is None:
+        return _OPENER
+    context = ssl.create_default_context(cafile=ca_file)
+    return urllib.request.build_opener(_NoRedirect, urllib.request.HTTPSHandler(context=context))
 REPOST = (307, 308)   # the method and body are kept: POST again to Location
 MAX_REDIRECTS = 3
 
 
-def post_json(url: str, body: bytes, timeout: float) -> int:
+def post_json(url: str, body: bytes, timeout: float, ca_file: str | None = None) -> int:
     """POST one alert; its 2xx status, or DeliveryFailed. 307/308 are followed as POSTs (at
     most MAX_REDIRECTS); any other answer, 301/302/303 included, is a failure naming it."""
     for _ in range(MAX_REDIRECTS + 1):
         try:
-            return _post_once(url, body, timeout)
+            return _post_once(url, body, timeout, ca_file)
         except urllib.error.HTTPError as exc:
             location = exc.headers.get("Location") if exc.headers else None
             if exc.code in REPOST and location:
@@ -244,11 +253,11 @@ def post_json(url: str, body: bytes, timeout: float) -> int:
     raise DeliveryFailed(f"more than {MAX_REDIRECTS} redirects")
 
 
-def _post_once(url: str, body: bytes, timeout: float) -> int:
+def _post_once(url: str, body: bytes, timeout: float, ca_file: str | None = None) -> int:
     request = urllib.request.Request(url, data=body, method="POST",
                                      headers={"Content-Type": "application/json"})
     try:
-        with _OPENER.open(request, timeout=timeout) as response:
+        with _opener(ca_file).open(request, timeout=timeout) as response:
             response.read(65536)
             status = response.status
     except urllib.error.HTTPError:
@@ -429,7 +438,7 @@ class AlertSender:
         source_id, position, alert, payload, attempts = row
         body = body_of(json.loads(payload), self.webhook.format, self.webhook.zone)
         try:
-            post_json(self.webhook.url, body, self.timing.request_timeout)
+            post_json(self.webhook.url, body, self.timing.request_timeout, self.webhook.ca_file)
         except DeliveryFailed as exc:
             retry = self.timing.refused_retry(attempts) if exc.refused else 0.0
             cur.execute(MARK_FAILED, (str(exc), retry, source_id, position))
@@ -494,7 +503,7 @@ def send_test_alert(webhook: Webhook, timeout: float) -> tuple[bool, str]:
     body = body_of(trial_payload(webhook.zone), webhook.format, webhook.zone)
     where = f"{shown_url(webhook.url)} ({webhook.format} format)"
     try:
-        status = post_json(webhook.url, body, timeout)
+        status = post_json(webhook.url, body, timeout, webhook.ca_file)
     except DeliveryFailed as exc:
         return False, f"test alert NOT accepted by {where}: {exc}"
     return True, f"test alert accepted by {where}: HTTP {status}; check that it shows in the channel"

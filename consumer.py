@@ -972,7 +972,7 @@ def alerting_of(settings: Settings, metrics: Metrics
 
 def webhook_of(settings: Settings) -> alerts.Webhook:
     return alerts.Webhook(settings.alert_webhook_url, settings.alert_webhook_format,
-                          transform.Rules().zone)
+                          transform.Rules().zone, settings.alert_ca_file)
 
 
 def build_parser() -> argparse.ArgumentParser:

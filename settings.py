@@ -129,6 +129,7 @@ class Settings:
     alert_retry_max_seconds: float = 30.0   # longest backoff between attempts
     alert_webhook_format: str = "json"      # json | slack | teams (WEBHOOK_FORMATS)
     alert_retention_days: int = 90          # sent alerts kept this long in alert_outbox
+    alert_ca_file: str | None = None        # SSL_CERT_FILE: the roots the webhook's HTTPS trusts
     local_stack: bool = True  # may the local stack stand in for a service left as None?
     # None: librdkafka's 45 s for a configured broker, less for the local stack (consumer.py)
     kafka_session_timeout_ms: int | None = None
@@ -345,6 +346,17 @@ def _webhook(env: Mapping[str, str]) -> str | None:
     return url
 
 
+def _alert_ca_file(env: Mapping[str, str]) -> str | None:
+    """SSL_CERT_FILE for the webhook's HTTPS, read here so that a value in .env counts as
+    one in the environment does (OpenSSL itself only sees the process environment, and the
+    systemd units pass .env to nothing but this code); None: the machine's default roots."""
+    named = _get(env, "SSL_CERT_FILE")
+    if named is not None and _get(env, "ALERT_WEBHOOK_URL") and not Path(named).is_file():
+        raise SettingsError(f"SSL_CERT_FILE names {named}, which is not a file (the roots "
+                            "the alert webhook's certificate must verify against)")
+    return named
+
+
 WEBHOOK_FORMATS = ("json", "slack", "teams")
 
 
@@ -399,6 +411,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
                     alert_retry_max_seconds=_seconds(env, "ALERT_RETRY_MAX_SECONDS", 30.0),
                     alert_webhook_format=_webhook_format(env),
                     alert_retention_days=_whole(env, "ALERT_RETENTION_DAYS", 90, "days"),
+                    alert_ca_file=_alert_ca_file(env),
                     kafka_session_timeout_ms=_session_timeout_ms(env),
                     kafka_outage_limit_seconds=_seconds(env, "KAFKA_OUTAGE_LIMIT_SECONDS", 600.0))
 

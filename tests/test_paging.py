@@ -210,19 +210,23 @@ def test_the_test_alert_says_whether_the_channel_accepted_it(make_receiver, monk
 
 
 def test_the_test_alert_reaches_an_https_webhook_and_names_a_certificate_that_fails(
-        make_receiver, kafka_certs, monkeypatch, caplog):
+        make_receiver, kafka_certs, monkeypatch, caplog, tmp_path):
     """Slack and Teams webhooks are HTTPS. The alert completes a TLS handshake with a receiver
     whose certificate comes from a private CA (a TLS-inspecting proxy's, say) once that CA is
-    among the machine's roots (SSL_CERT_FILE, which Python's TLS obeys); with other roots the
-    one line says the certificate does not verify and where the CA goes."""
+    SSL_CERT_FILE, set in .env as the systemd units read it (OpenSSL alone would only see the
+    process environment); with other roots the one line says the certificate does not verify
+    and where the CA goes."""
     receiver = make_receiver(tls=kafka_front.server_context(kafka_certs["server"]))
-    monkeypatch.setenv("ALERT_WEBHOOK_URL", receiver.url)
-    monkeypatch.setenv("SSL_CERT_FILE", kafka_certs["ca"])
+    env_file = tmp_path / ".env"
+    monkeypatch.setenv("LMNH_ENV_FILE", str(env_file))
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    env_file.write_text(f"ALERT_WEBHOOK_URL={receiver.url}\nSSL_CERT_FILE={kafka_certs['ca']}\n")
     assert run_consumer_in_process("--test-alert") == 0
     [raw] = receiver.seen("POST")
     assert json.loads(raw["body"])["text"].startswith("TEST ALERT")
     caplog.clear()
-    monkeypatch.setenv("SSL_CERT_FILE", kafka_certs["other_ca"])
+    env_file.write_text(f"ALERT_WEBHOOK_URL={receiver.url}\n"
+                        f"SSL_CERT_FILE={kafka_certs['other_ca']}\n")
     assert run_consumer_in_process("--test-alert") == 1
     [line] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert line.startswith(f"test alert NOT accepted by {receiver.base} (json format): the "

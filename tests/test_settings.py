@@ -184,3 +184,16 @@ def test_the_session_timeout_is_45_s_unless_local_or_chosen(env, argv, expected)
     import consumer
     args = consumer.build_parser().parse_args(argv)
     assert consumer.session_timeout_of(args, load_settings(env)) == expected
+
+
+def test_ssl_cert_file_for_the_webhook_is_read_from_the_settings_and_must_be_a_file(tmp_path):
+    """SSL_CERT_FILE in .env reaches the alert webhook's HTTPS (OpenSSL reads only the process
+    environment); with a webhook configured, a path that is no file is one line."""
+    bundle = tmp_path / "proxy-ca.pem"
+    bundle.write_text("-----BEGIN CERTIFICATE-----\n")
+    hook = {"ALERT_WEBHOOK_URL": "https://hooks.example/T/B/x"}
+    assert load_settings({**hook, "SSL_CERT_FILE": str(bundle)}).alert_ca_file == str(bundle)
+    assert load_settings(hook).alert_ca_file is None
+    with pytest.raises(SettingsError, match="SSL_CERT_FILE names /nowhere.pem, which is not a file"):
+        load_settings({**hook, "SSL_CERT_FILE": "/nowhere.pem"})
+    assert load_settings({"SSL_CERT_FILE": "/nowhere.pem"}).alert_ca_file == "/nowhere.pem"
