@@ -22,6 +22,7 @@ schema.sql that deletes only sent rows); pending rows are never dropped.
 from __future__ import annotations
 
 import email.utils
+import functools
 import json
 import logging
 import ssl
@@ -222,17 +223,18 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-_OPENER = urllib.request.build_opener(_NoRedirect)
-
-
-def _opener(ca_file: str | None) -> urllib.request.OpenerDirector:
-    """The default roots unless SSL_CERT_FILE was set in .env or the environment."""
-    if ca_file is None:
-        return _OPENER
-    context = ssl.create_default_context(cafile=ca_file)
-    return urllib.request.build_opener(_NoRedirect, urllib.request.HTTPSHandler(context=context))
 REPOST = (307, 308)   # the method and body are kept: POST again to Location
 MAX_REDIRECTS = 3
+
+
+@functools.lru_cache(maxsize=4)
+def _opener(ca_file: str | None) -> urllib.request.OpenerDirector:
+    """The opener for one set of roots (the default ones, or SSL_CERT_FILE from .env or the
+    environment), made once: loading a CA bundle into a TLS context is not per alert work."""
+    if ca_file is None:
+        return urllib.request.build_opener(_NoRedirect)
+    context = ssl.create_default_context(cafile=ca_file)
+    return urllib.request.build_opener(_NoRedirect, urllib.request.HTTPSHandler(context=context))
 
 
 def post_json(url: str, body: bytes, timeout: float, ca_file: str | None = None) -> int:
