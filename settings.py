@@ -241,11 +241,8 @@ def _system_roots(env: Mapping[str, str], sslmode: str) -> str:
         raise SettingsError(f"DB_SSLROOTCERT=system needs DB_SSLMODE=verify-full, got {sslmode} "
                             "(with every public CA trusted, only the host name check says the "
                             "certificate is the server's)")
-    named = _get(env, "SSL_CERT_FILE")
+    named = _ssl_cert_file(env, "the roots DB_SSLROOTCERT=system means")
     if named is not None:
-        if not Path(named).is_file():
-            raise SettingsError(f"DB_SSLROOTCERT=system: SSL_CERT_FILE names {named}, which is "
-                                "not a file")
         return named
     found = next((bundle for bundle in SYSTEM_CA_BUNDLES if Path(bundle).is_file()), None)
     if found is None:
@@ -346,15 +343,22 @@ def _webhook(env: Mapping[str, str]) -> str | None:
     return url
 
 
-def _alert_ca_file(env: Mapping[str, str]) -> str | None:
-    """SSL_CERT_FILE for the webhook's HTTPS, read here so that a value in .env counts as
-    one in the environment does (OpenSSL itself only sees the process environment, and the
-    systemd units pass .env to nothing but this code); None: the machine's default roots."""
+def _ssl_cert_file(env: Mapping[str, str], used_as: str) -> str | None:
+    """SSL_CERT_FILE, OpenSSL's name for the file of the machine's trusted roots, read here so
+    that a value in .env counts as one in the environment does (OpenSSL itself only sees the
+    process environment, and the systemd units pass .env to nothing but this code). Where it
+    is used (`used_as` says for what), a path that is no file is a setting error."""
     named = _get(env, "SSL_CERT_FILE")
-    if named is not None and _get(env, "ALERT_WEBHOOK_URL") and not Path(named).is_file():
-        raise SettingsError(f"SSL_CERT_FILE names {named}, which is not a file (the roots "
-                            "the alert webhook's certificate must verify against)")
+    if named is not None and not Path(named).is_file():
+        raise SettingsError(f"SSL_CERT_FILE names {named}, which is not a file ({used_as})")
     return named
+
+
+def _alert_ca_file(env: Mapping[str, str]) -> str | None:
+    """The roots the webhook's HTTPS trusts; None: the machine's default roots."""
+    if _get(env, "ALERT_WEBHOOK_URL") is None:
+        return _get(env, "SSL_CERT_FILE")  # unused without a webhook: not checked
+    return _ssl_cert_file(env, "the roots the alert webhook's certificate must verify against")
 
 
 WEBHOOK_FORMATS = ("json", "slack", "teams")
